@@ -1,0 +1,24 @@
+# Entry points. Each target installs what it needs on a fresh Debian machine
+# (run as root): the toolchain in .venv, a container engine, the host image.
+
+.PHONY: demo demo-down test lint setup
+
+## demo: deploy the chat to a local Debian systemd host, on http://127.0.0.1:8080/
+demo:
+	scripts/demo.sh up
+
+## demo-down: remove the demo host
+demo-down:
+	scripts/demo.sh down
+
+## test: lint, preflight checks, the app's tests and every Molecule scenario
+test:
+	scripts/test.sh all
+
+## lint: yamllint and ansible-lint only
+lint:
+	scripts/test.sh lint
+
+## setup: the toolchain, the container engine and the host image, nothing else
+setup:
+	bash -c 'source scripts/lib.sh && require_root && ensure_toolchain && ensure_host_image'

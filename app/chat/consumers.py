@@ -1,0 +1,108 @@
+"""WebSocket consumers. The protocol is described in README.md."""
+
+import json
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from . import store
+from .models import is_valid_room_name
+from .protocol import ProtocolError, clean_body, clean_nickname, clean_since, parse_frame
+from .ratelimit import TokenBucket
+
+# Sent after accepting, because closing before accept() can only answer the
+# handshake with HTTP 403, which a browser cannot tell apart from a refused Origin.
+CLOSE_NOT_FOUND = 4004
+
+
+def _dumps(frame):
+    return json.dumps(frame, ensure_ascii=False)
+
+
+@database_sync_to_async
+def _store_message(room_name, nickname, body):
+    return store.post_message(room_name, nickname, body).as_frame()
+
+
+@database_sync_to_async
+def _recent_frames(room_name, limit):
+    return [m.as_frame() for m in store.recent_messages(room_name, limit)]
+
+
+@database_sync_to_async
+def _frames_since(room_name, since, limit):
+    return [m.as_frame() for m in store.messages_since(room_name, since, limit)]
+
+
+class ChatConsumer(AsyncWebsocketConsumer):
+    group_name = None
+
+    async def connect(self):
+        self.room_name = self.scope["url_route"]["kwargs"]["room"]
+        if not is_valid_room_name(self.room_name):
+            await self.accept()
+            await self.close(code=CLOSE_NOT_FOUND)
+            return
+        self.bucket = TokenBucket(settings.CHAT_RATE_PER_SECOND, settings.CHAT_RATE_BURST)
+        # Join the group before reading history: a message posted in between then
+        # arrives twice (history and live) rather than not at all; clients drop
+        # the duplicate by seq.
+        self.group_name = f"chat.{self.room_name}"
+        await self.channel_layer.group_add(self.group_name, self.channel_name)
+        await self.accept()
+        messages = await _recent_frames(self.room_name, settings.CHAT_HISTORY_ON_JOIN)
+        await self.send(text_data=_dumps({"type": "history", "messages": messages}))
+
+    async def disconnect(self, code):
+        if self.group_name:
+            await self.channel_layer.group_discard(self.group_name, self.channel_name)
+
+    async def receive(self, text_data=None, bytes_data=None):
+        try:
+            if not self.bucket.allow():
+                raise ProtocolError("rate_limited", "too many frames; slow down")
+            if text_data is None:
+                raise ProtocolError("binary_not_supported", "send JSON in text frames")
+            frame = parse_frame(text_data)
+            await getattr(self, f"handle_{frame['type']}")(frame)
+        except ProtocolError as error:
+            await self.send(text_data=_dumps(error.as_frame()))
+
+    async def handle_message(self, frame):
+        nickname = clean_nickname(frame.get("nickname"))
+        body = clean_body(frame.get("body"), settings.CHAT_MAX_BODY_LENGTH)
+        # Stored before it is broadcast, so everything a client sees live can
+        # also be fetched again by seq.
+        message = await _store_message(self.room_name, nickname, body)
+        await self.channel_layer.group_send(
+            self.group_name, {"type": "chat.message", "message": message}
+        )
+
+    async def handle_history(self, frame):
+        since = clean_since(frame.get("since"))
+        messages = await _frames_since(self.room_name, since, settings.CHAT_HISTORY_PAGE)
+        await self.send(text_data=_dumps({"type": "history", "messages": messages}))
+
+    async def handle_ping(self, frame):
+        await self.send(text_data=_dumps({"type": "pong"}))
+
+    async def chat_message(self, event):
+        await self.send(text_data=_dumps(event["message"]))
+
+
+class HealthConsumer(AsyncWebsocketConsumer):
+    """Proves that the ASGI server, routing and origin check work end to end."""
+
+    async def connect(self):
+        await self.accept()
+        await self.send(
+            text_data=_dumps({"status": "ok", "interface": "asgi", "release": settings.RELEASE})
+        )
+        await self.close(code=1000)
+
+
+class NotFoundConsumer(AsyncWebsocketConsumer):
+    async def connect(self):
+        await self.accept()
+        await self.close(code=CLOSE_NOT_FOUND)

@@ -1,0 +1,168 @@
+// Chat room client. Protocol: see app/README.md.
+(function () {
+  "use strict";
+
+  var room = document.currentScript.dataset.room;
+  var list = document.getElementById("messages");
+  var form = document.getElementById("composer");
+  var nicknameInput = document.getElementById("nickname");
+  var bodyInput = document.getElementById("body");
+  var statusLabel = document.getElementById("status");
+  var notice = document.getElementById("notice");
+
+  var NICKNAME_KEY = "chat.nickname";
+  var CLOSE_NOT_FOUND = 4004;
+  var MAX_BACKOFF_MS = 30000;
+  // Proxies close WebSockets that stay silent (Nginx after 60 s by default).
+  var PING_INTERVAL_MS = 25000;
+
+  var socket = null;
+  var attempts = 0;
+  var pingTimer = null;
+  // Highest seq rendered with nothing missing below it (0: nothing seen yet).
+  var lastSeq = 0;
+  // Messages that arrived ahead of a gap, keyed by seq, rendered once it is filled.
+  var waiting = new Map();
+
+  nicknameInput.value = localStorage.getItem(NICKNAME_KEY) || "";
+  nicknameInput.addEventListener("change", function () {
+    localStorage.setItem(NICKNAME_KEY, nicknameInput.value.trim());
+  });
+
+  function setStatus(text) {
+    statusLabel.textContent = text;
+  }
+
+  function showNotice(text) {
+    notice.textContent = text;
+    notice.hidden = !text;
+  }
+
+  function socketUrl() {
+    var scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    return scheme + "//" + location.host + "/ws/chat/" + encodeURIComponent(room) + "/";
+  }
+
+  function send(frame) {
+    if (socket && socket.readyState === WebSocket.OPEN) {
+      socket.send(JSON.stringify(frame));
+      return true;
+    }
+    return false;
+  }
+
+  function requestSince(seq) {
+    send({ type: "history", since: seq });
+  }
+
+  function render(message) {
+    var item = document.createElement("li");
+    var time = document.createElement("time");
+    var nick = document.createElement("span");
+    var body = document.createElement("span");
+    time.dateTime = message.created;
+    time.textContent = new Date(message.created).toLocaleTimeString();
+    nick.className = "nick";
+    nick.textContent = message.nickname;
+    body.className = "body";
+    // textContent, never innerHTML: bodies are untrusted text.
+    body.textContent = message.body;
+    item.append(time, " ", nick, " ", body);
+    var atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+    list.appendChild(item);
+    if (atBottom) list.scrollTop = list.scrollHeight;
+  }
+
+  // Returns true when a gap (a missing seq) is still open.
+  function accept(message) {
+    if (lastSeq === 0 && list.childElementCount === 0) {
+      // First message this page sees: older history is not wanted.
+      lastSeq = message.seq - 1;
+    }
+    if (message.seq <= lastSeq) return waiting.size > 0;
+    waiting.set(message.seq, message);
+    while (waiting.has(lastSeq + 1)) {
+      lastSeq += 1;
+      render(waiting.get(lastSeq));
+      waiting.delete(lastSeq);
+    }
+    return waiting.size > 0;
+  }
+
+  function onHistory(messages) {
+    var before = lastSeq;
+    var gap = false;
+    messages.forEach(function (message) {
+      gap = accept(message);
+    });
+    // Pages are capped by the server: keep asking while they make progress.
+    if (gap && lastSeq > before) requestSince(lastSeq);
+  }
+
+  function onFrame(event) {
+    var frame;
+    try {
+      frame = JSON.parse(event.data);
+    } catch (error) {
+      return;
+    }
+    if (frame.type === "message") {
+      if (accept(frame)) requestSince(lastSeq);
+    } else if (frame.type === "history") {
+      onHistory(frame.messages);
+    } else if (frame.type === "error") {
+      showNotice(frame.detail + " (" + frame.code + ")");
+      if (frame.code === "rate_limited" && waiting.size > 0) {
+        setTimeout(function () { requestSince(lastSeq); }, 1000);
+      }
+    }
+  }
+
+  function scheduleReconnect() {
+    // Full jitter: clients dropped together must not all come back together.
+    var ceiling = Math.min(MAX_BACKOFF_MS, 500 * Math.pow(2, attempts));
+    var delay = ceiling / 2 + Math.random() * ceiling / 2;
+    attempts += 1;
+    setStatus("reconnecting in " + Math.round(delay / 1000) + " s…");
+    setTimeout(connect, delay);
+  }
+
+  function connect() {
+    setStatus("connecting…");
+    socket = new WebSocket(socketUrl());
+    socket.addEventListener("open", function () {
+      attempts = 0;
+      setStatus("connected");
+      showNotice("");
+      // After a reconnect, fetch whatever was posted while we were away.
+      if (lastSeq > 0) requestSince(lastSeq);
+      pingTimer = setInterval(function () { send({ type: "ping" }); }, PING_INTERVAL_MS);
+    });
+    socket.addEventListener("message", onFrame);
+    socket.addEventListener("close", function (event) {
+      clearInterval(pingTimer);
+      if (event.code === CLOSE_NOT_FOUND) {
+        setStatus("closed");
+        showNotice("This room name is not valid.");
+        return;
+      }
+      scheduleReconnect();
+    });
+  }
+
+  form.addEventListener("submit", function (event) {
+    event.preventDefault();
+    var nickname = nicknameInput.value.trim();
+    localStorage.setItem(NICKNAME_KEY, nickname);
+    var sent = send({ type: "message", nickname: nickname, body: bodyInput.value });
+    if (sent) {
+      bodyInput.value = "";
+      showNotice("");
+    } else {
+      showNotice("Not connected; your message was not sent.");
+    }
+    bodyInput.focus();
+  });
+
+  connect();
+})();

@@ -1,0 +1,63 @@
+from django.conf import settings
+from django.core.handlers.asgi import ASGIRequest
+from django.http import Http404, JsonResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+
+from . import health
+from .models import Room, is_valid_room_name
+
+LOBBY_ROOM_COUNT = 100
+
+
+def _lobby(request, status=200, error="", room_input=""):
+    rooms = Room.objects.filter(last_seq__gt=0).order_by("-last_activity")[:LOBBY_ROOM_COUNT]
+    context = {"rooms": rooms, "error": error, "room_input": room_input}
+    return render(request, "chat/lobby.html", context, status=status)
+
+
+@require_GET
+def lobby(request):
+    return _lobby(request)
+
+
+@require_GET
+def enter(request):
+    """Target of the lobby form: normalise the name, then go to the room."""
+    room_input = request.GET.get("room", "")
+    name = room_input.strip().lower()
+    if not is_valid_room_name(name):
+        return _lobby(
+            request,
+            status=400,
+            error="A room name is 1-50 characters: a-z, 0-9, '_' or '-'.",
+            room_input=room_input,
+        )
+    return redirect("chat:room", room=name)
+
+
+@require_GET
+def room(request, room):
+    if not is_valid_room_name(room):
+        raise Http404("No such room")
+    context = {
+        "room": room,
+        "max_body_length": settings.CHAT_MAX_BODY_LENGTH,
+    }
+    return render(request, "chat/room.html", context)
+
+
+@never_cache
+@require_GET
+def healthz(request):
+    checks = {"database": health.check_database(), "redis": health.check_redis()}
+    healthy = all(result == "ok" for result in checks.values())
+    payload = {
+        "status": "ok" if healthy else "fail",
+        "release": settings.RELEASE,
+        # From the request class, so it reports the server actually in front.
+        "interface": "asgi" if isinstance(request, ASGIRequest) else "wsgi",
+        "checks": checks,
+    }
+    return JsonResponse(payload, status=200 if healthy else 503)

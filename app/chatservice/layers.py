@@ -1,0 +1,47 @@
+"""Channel layer configuration (CHANNEL_LAYERS) built from the environment."""
+
+from django.core.exceptions import ImproperlyConfigured
+
+from .env import env_int, env_str
+
+BACKENDS = {
+    "core": "channels_redis.core.RedisChannelLayer",
+    "pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
+}
+
+
+def redis_pool_options():
+    """Keyword arguments that channels_redis hands to redis-py's ConnectionPool.
+
+    Both layers pass every key of a hosts dict except "address" straight to
+    ``redis.asyncio.ConnectionPool.from_url(address, **options)``
+    (channels_redis.utils.create_pool), which is how these reach redis-py.
+    """
+    return {
+        # redis-py 8 defaults socket_timeout to 5 s, the same length as the core
+        # layer's blocking BZPOPMIN: every idle consumer would then die with a
+        # TimeoutError every 5 s (channels_redis#422). None waits as long as the
+        # pop asks; dead peers are still found by redis-py's TCP keepalive.
+        "socket_timeout": None,
+        # A stuck connect must not hang a handshake forever.
+        "socket_connect_timeout": 5,
+        # redis-py's async pool defaults to 100 connections; a burst of more
+        # simultaneous group_add calls raises MaxConnectionsError (handshake 500).
+        "max_connections": env_int("REDIS_MAX_CONNECTIONS", 1000, minimum=1),
+    }
+
+
+def build_channel_layers():
+    name = env_str("CHANNEL_LAYER", "core").strip().lower()
+    if name not in BACKENDS:
+        raise ImproperlyConfigured(
+            f"CHANNEL_LAYER={name!r} is not supported; use 'core' or 'pubsub'."
+        )
+    host = {"address": env_str("REDIS_URL", "redis://127.0.0.1:6379/0")}
+    host.update(redis_pool_options())
+    config = {"hosts": [host]}
+    if name == "core":
+        # Only the core layer buffers per channel; the pub/sub layer ignores these.
+        config["capacity"] = env_int("CHANNEL_CAPACITY", 100, minimum=1)
+        config["expiry"] = env_int("CHANNEL_EXPIRY", 60, minimum=1)
+    return {"default": {"BACKEND": BACKENDS[name], "CONFIG": config}}

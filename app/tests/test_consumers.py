@@ -1,0 +1,261 @@
+"""The WebSocket protocol against a real Redis channel layer."""
+
+import asyncio
+
+import pytest
+from channels.db import database_sync_to_async
+
+from chat import store
+from chat.models import Message
+
+from .conftest import HOST
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def send_message(communicator, body, nickname="alice"):
+    await communicator.send_json_to({"type": "message", "nickname": nickname, "body": body})
+
+
+async def test_two_clients_exchange_a_message(join, room, layer_kind):
+    alice, alice_history = await join(room)
+    bob, bob_history = await join(room)
+    assert alice_history == bob_history == []
+
+    await send_message(alice, "hello bob")
+
+    for communicator in (alice, bob):
+        frame = await communicator.receive_json_from(timeout=5)
+        assert frame["type"] == "message"
+        assert frame["seq"] == 1
+        assert frame["room"] == room
+        assert frame["nickname"] == "alice"
+        assert frame["body"] == "hello bob"
+        assert frame["created"].endswith("+00:00")
+    stored = await database_sync_to_async(Message.objects.get)(id=frame["id"])
+    assert (stored.seq, stored.body) == (1, "hello bob")
+
+
+async def test_rooms_are_separate(join, room):
+    here, _ = await join(room)
+    elsewhere, _ = await join(room + "-other")
+    await send_message(here, "only here")
+    assert (await here.receive_json_from(timeout=5))["body"] == "only here"
+    assert await elsewhere.receive_nothing(timeout=0.3)
+
+
+async def test_joining_sends_the_last_50_messages(join, room):
+    for number in range(1, 61):
+        await database_sync_to_async(store.post_message)(room, "bot", f"m{number}")
+    _, history = await join(room)
+    assert [m["seq"] for m in history] == list(range(11, 61))
+    assert history[-1]["body"] == "m60"
+    assert set(history[0]) == {"type", "id", "seq", "room", "nickname", "body", "created"}
+
+
+async def test_history_since_fills_a_gap(join, room):
+    client, _ = await join(room)
+    for number in range(1, 4):
+        await send_message(client, f"live {number}")
+        await client.receive_json_from(timeout=5)
+    # Stored but never delivered, as when the core layer drops a message under load.
+    await database_sync_to_async(store.post_message)(room, "bot", "dropped")
+    await send_message(client, "live 5")
+    live = await client.receive_json_from(timeout=5)
+    assert live["seq"] == 5  # seq 4 never arrived: the client sees the gap
+
+    await client.send_json_to({"type": "history", "since": 3})
+    frame = await client.receive_json_from(timeout=5)
+    assert frame["type"] == "history"
+    assert [(m["seq"], m["body"]) for m in frame["messages"]] == [(4, "dropped"), (5, "live 5")]
+
+
+async def test_history_pages_are_capped_at_200(join, room):
+    await database_sync_to_async(_post_many)(room, 210)
+    client, _ = await join(room)
+    await client.send_json_to({"type": "history", "since": 0})
+    first = (await client.receive_json_from(timeout=5))["messages"]
+    assert [m["seq"] for m in first] == list(range(1, 201))
+    await client.send_json_to({"type": "history", "since": 200})
+    rest = (await client.receive_json_from(timeout=5))["messages"]
+    assert [m["seq"] for m in rest] == list(range(201, 211))
+
+
+def _post_many(room_name, count):
+    for number in range(count):
+        store.post_message(room_name, "bot", f"m{number}")
+
+
+async def test_ping_gets_pong(join, room):
+    client, _ = await join(room)
+    await client.send_json_to({"type": "ping"})
+    assert await client.receive_json_from(timeout=5) == {"type": "pong"}
+
+
+async def test_body_is_stored_as_text(join, room):
+    client, _ = await join(room)
+    markup = "<script>alert(1)</script> &amp;"
+    await send_message(client, markup, nickname="Zoë_o.k-1 x")
+    frame = await client.receive_json_from(timeout=5)
+    assert frame["body"] == markup
+    assert frame["nickname"] == "Zoë_o.k-1 x"
+
+
+@pytest.mark.parametrize(
+    "frame, code",
+    [
+        ("not json", "invalid_json"),
+        ('["a", "list"]', "invalid_json"),
+        ('{"type": "shout"}', "unknown_type"),
+        ('{"body": "no type"}', "unknown_type"),
+        ('{"type": "message", "nickname": "alice", "body": "   "}', "empty_body"),
+        ('{"type": "message", "nickname": "alice"}', "empty_body"),
+        ('{"type": "message", "nickname": "alice", "body": 42}', "empty_body"),
+        ('{"type": "message", "nickname": "", "body": "hi"}', "invalid_nickname"),
+        ('{"type": "message", "nickname": "<b>", "body": "hi"}', "invalid_nickname"),
+        ('{"type": "message", "nickname": "' + "n" * 33 + '", "body": "hi"}', "invalid_nickname"),
+        ('{"type": "message", "body": "hi"}', "invalid_nickname"),
+        ('{"type": "history"}', "invalid_since"),
+        ('{"type": "history", "since": -1}', "invalid_since"),
+        ('{"type": "history", "since": "3"}', "invalid_since"),
+        ('{"type": "history", "since": 1.5}', "invalid_since"),
+        ('{"type": "history", "since": true}', "invalid_since"),
+    ],
+)
+async def test_bad_frame_gets_error_and_connection_stays_usable(join, room, frame, code):
+    client, _ = await join(room)
+    await client.send_to(text_data=frame)
+    error = await client.receive_json_from(timeout=5)
+    assert error["type"] == "error"
+    assert error["code"] == code
+    assert isinstance(error["detail"], str) and error["detail"]
+    await client.send_json_to({"type": "ping"})
+    assert await client.receive_json_from(timeout=5) == {"type": "pong"}
+
+
+async def test_binary_frame_is_refused(join, room):
+    client, _ = await join(room)
+    await client.send_to(bytes_data=b'{"type": "ping"}')
+    error = await client.receive_json_from(timeout=5)
+    assert error["code"] == "binary_not_supported"
+    await client.send_json_to({"type": "ping"})
+    assert await client.receive_json_from(timeout=5) == {"type": "pong"}
+
+
+async def test_body_length_limit(join, room, settings):
+    settings.CHAT_MAX_BODY_LENGTH = 10
+    client, _ = await join(room)
+    await send_message(client, "x" * 11)
+    assert (await client.receive_json_from(timeout=5))["code"] == "body_too_long"
+    await send_message(client, "x" * 10)
+    assert (await client.receive_json_from(timeout=5))["body"] == "x" * 10
+
+
+async def test_default_body_limit_is_2000(join, room):
+    client, _ = await join(room)
+    await send_message(client, "y" * 2001)
+    assert (await client.receive_json_from(timeout=5))["code"] == "body_too_long"
+    await send_message(client, "y" * 2000)
+    assert len((await client.receive_json_from(timeout=5))["body"]) == 2000
+
+
+async def test_rate_limit_refuses_frames_beyond_the_burst(join, room, settings):
+    settings.CHAT_RATE_BURST = 3
+    settings.CHAT_RATE_PER_SECOND = 20
+    client, _ = await join(room)
+    for _ in range(4):
+        await client.send_json_to({"type": "ping"})
+    replies = [await client.receive_json_from(timeout=5) for _ in range(4)]
+    assert replies[:3] == [{"type": "pong"}] * 3
+    assert replies[3]["type"] == "error" and replies[3]["code"] == "rate_limited"
+    # The bucket refills at 20 per second: the connection recovers.
+    await asyncio.sleep(0.1)
+    await client.send_json_to({"type": "ping"})
+    assert await client.receive_json_from(timeout=5) == {"type": "pong"}
+
+
+async def test_rate_limited_message_is_not_stored(join, room, settings):
+    settings.CHAT_RATE_BURST = 1
+    settings.CHAT_RATE_PER_SECOND = 0.01
+    client, _ = await join(room)
+    await send_message(client, "first")
+    assert (await client.receive_json_from(timeout=5))["seq"] == 1
+    await send_message(client, "second")
+    assert (await client.receive_json_from(timeout=5))["code"] == "rate_limited"
+    count = await database_sync_to_async(Message.objects.filter(room__name=room).count)()
+    assert count == 1
+
+
+@pytest.mark.parametrize(
+    "name", ["UPPER", "a" * 51, "dots.in.name", "sp%20ace", "%C3%A9t%C3%A9"]
+)
+async def test_invalid_room_is_closed_with_4004(connect, name):
+    client = await connect(f"/ws/chat/{name}/")
+    assert await client.receive_output(timeout=5) == {"type": "websocket.close", "code": 4004}
+
+
+async def test_longest_valid_room_name_is_accepted(join):
+    _, history = await join("a-" + "z" * 46 + "_9")
+    assert history == []
+
+
+async def test_unknown_websocket_path_is_closed_with_4004(connect):
+    client = await connect("/ws/nothing-here/")
+    assert await client.receive_output(timeout=5) == {"type": "websocket.close", "code": 4004}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"origin", b"http://evil.example"), HOST],
+        [HOST],  # no Origin at all
+    ],
+    ids=["foreign-origin", "no-origin"],
+)
+async def test_origin_validator_refuses_handshake(asgi_app, room, headers, close_layers):
+    from channels.testing import WebsocketCommunicator
+
+    communicator = WebsocketCommunicator(asgi_app, f"/ws/chat/{room}/", headers=headers)
+    connected, _ = await communicator.connect(timeout=5)
+    assert connected is False
+
+
+async def test_websocket_health(connect, settings):
+    settings.RELEASE = "r-2024"
+    client = await connect("/ws/health/")
+    assert await client.receive_json_from(timeout=5) == {
+        "status": "ok",
+        "interface": "asgi",
+        "release": "r-2024",
+    }
+    assert await client.receive_output(timeout=5) == {"type": "websocket.close", "code": 1000}
+
+
+async def test_websocket_health_checks_origin(asgi_app, close_layers):
+    from channels.testing import WebsocketCommunicator
+
+    communicator = WebsocketCommunicator(
+        asgi_app, "/ws/health/", headers=[(b"origin", b"https://evil.example"), HOST]
+    )
+    connected, _ = await communicator.connect(timeout=5)
+    assert connected is False
+
+
+async def test_idle_consumer_outlives_redis_py_default_socket_timeout(join, room):
+    """redis-py 8 would time out the core layer's 5 s blocking pop without our pool options."""
+    listener, _ = await join(room)
+    await asyncio.sleep(6.5)
+    sender, _ = await join(room)
+    await send_message(sender, "still there?")
+    assert (await listener.receive_json_from(timeout=5))["body"] == "still there?"
+
+
+async def test_frames_are_counted_per_connection(join, room, settings):
+    settings.CHAT_RATE_BURST = 2
+    settings.CHAT_RATE_PER_SECOND = 0.01
+    first, _ = await join(room)
+    second, _ = await join(room)
+    for client in (first, second):
+        for _ in range(2):
+            await client.send_json_to({"type": "ping"})
+            assert await client.receive_json_from(timeout=5) == {"type": "pong"}

@@ -1,0 +1,74 @@
+import json
+import time
+
+import pytest
+from channels.testing import HttpCommunicator
+from django.db import connection
+
+from .conftest import free_port, redis_server
+
+pytestmark = pytest.mark.django_db
+
+
+def test_healthz_ok_under_wsgi(client, settings):
+    settings.RELEASE = "20240101-abc"
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response["Content-Type"] == "application/json"
+    assert response.json() == {
+        "status": "ok",
+        "release": "20240101-abc",
+        "interface": "wsgi",
+        "checks": {"database": "ok", "redis": "ok"},
+    }
+    assert "no-cache" in response["Cache-Control"]
+
+
+def test_healthz_fails_fast_when_redis_is_unreachable(client, settings):
+    settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"
+    started = time.monotonic()
+    response = client.get("/healthz")
+    elapsed = time.monotonic() - started
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "fail"
+    assert body["checks"]["database"] == "ok"
+    assert body["checks"]["redis"] != "ok"
+    assert "ConnectionError" in body["checks"]["redis"]
+    assert elapsed < settings.HEALTH_REDIS_TIMEOUT + 1
+
+
+def test_healthz_reports_a_database_failure(client, monkeypatch):
+    def broken_cursor(*args, **kwargs):
+        raise RuntimeError("database is gone")
+
+    monkeypatch.setattr(connection, "cursor", broken_cursor)
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    assert response.json()["checks"] == {
+        "database": "RuntimeError: database is gone",
+        "redis": "ok",
+    }
+
+
+def test_healthz_authenticates_with_the_password_in_redis_url(client, settings, tmp_path):
+    with redis_server(tmp_path, "--requirepass", "s3cret") as url:
+        assert url.startswith("redis://:s3cret@")
+        settings.REDIS_URL = url
+        assert client.get("/healthz").json()["checks"]["redis"] == "ok"
+        settings.REDIS_URL = url.replace(":s3cret@", "")
+        response = client.get("/healthz")
+    assert response.status_code == 503
+    assert "AuthenticationError" in response.json()["checks"]["redis"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_healthz_says_asgi_under_asgi(asgi_app):
+    communicator = HttpCommunicator(
+        asgi_app, "GET", "/healthz", headers=[(b"host", b"localhost")]
+    )
+    response = await communicator.get_response(timeout=10)
+    assert response["status"] == 200
+    body = json.loads(response["body"])
+    assert body["interface"] == "asgi"
+    assert body["status"] == "ok"

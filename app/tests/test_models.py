@@ -1,0 +1,106 @@
+import threading
+
+import pytest
+from django.db import IntegrityError, close_old_connections, connection
+
+from chat import store
+from chat.models import Message, Room, is_valid_room_name
+
+
+@pytest.mark.django_db
+def test_seq_counts_up_per_room():
+    first = [store.post_message("alpha", "a", f"a{n}").seq for n in range(3)]
+    other = [store.post_message("beta", "b", f"b{n}").seq for n in range(2)]
+    assert first == [1, 2, 3]
+    assert other == [1, 2]
+    alpha = Room.objects.get(name="alpha")
+    assert alpha.last_seq == 3
+    newest = Message.objects.get(room=alpha, seq=3)
+    assert abs((newest.created - alpha.last_activity).total_seconds()) < 1
+
+
+@pytest.mark.django_db
+def test_message_is_stored_with_its_fields():
+    message = store.post_message("alpha", "alice", "hello")
+    stored = Message.objects.get(pk=message.pk)
+    assert (stored.room.name, stored.seq, stored.nickname, stored.body) == ("alpha", 1, "alice", "hello")
+    assert stored.created is not None
+    frame = stored.as_frame()
+    assert frame["created"] == stored.created.isoformat()
+    assert frame["id"] == stored.pk
+
+
+@pytest.mark.django_db
+def test_seq_is_unique_within_a_room():
+    room = Room.objects.create(name="alpha")
+    Message.objects.create(room=room, seq=1, nickname="a", body="x")
+    with pytest.raises(IntegrityError):
+        Message.objects.create(room=room, seq=1, nickname="b", body="y")
+
+
+@pytest.mark.django_db
+def test_messages_are_ordered_by_seq_within_a_room():
+    for n in range(5):
+        store.post_message("alpha", "a", str(n))
+    assert [m.seq for m in Message.objects.filter(room__name="alpha")] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.django_db
+def test_recent_and_since_queries():
+    for n in range(1, 11):
+        store.post_message("alpha", "a", f"m{n}")
+    store.post_message("beta", "b", "elsewhere")
+    assert [m.seq for m in store.recent_messages("alpha", 3)] == [8, 9, 10]
+    assert [m.seq for m in store.messages_since("alpha", 6, 200)] == [7, 8, 9, 10]
+    assert [m.seq for m in store.messages_since("alpha", 2, 3)] == [3, 4, 5]
+    assert store.messages_since("alpha", 10, 200) == []
+    assert store.recent_messages("nobody-here", 50) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_posters_never_share_a_seq():
+    writers, per_writer = 6, 10
+    errors = []
+    start = threading.Barrier(writers)
+
+    def post_many(number):
+        try:
+            start.wait()
+            for n in range(per_writer):
+                store.post_message("busy", f"w{number}", f"{n}")
+        except Exception as error:  # reported to the test thread below
+            errors.append(error)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=post_many, args=(n,)) for n in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    close_old_connections()
+    assert errors == []
+    seqs = sorted(Message.objects.filter(room__name="busy").values_list("seq", flat=True))
+    assert seqs == list(range(1, writers * per_writer + 1))
+    assert Room.objects.get(name="busy").last_seq == writers * per_writer
+
+
+@pytest.mark.parametrize(
+    "name, valid",
+    [
+        ("general", True),
+        ("a", True),
+        ("x" * 50, True),
+        ("room_1-b", True),
+        ("", False),
+        ("x" * 51, False),
+        ("General", False),
+        ("with space", False),
+        ("dot.ted", False),
+        ("ünï", False),
+        ("new\nline", False),
+        (None, False),
+    ],
+)
+def test_room_name_rule(name, valid):
+    assert is_valid_room_name(name) is valid

@@ -1,0 +1,190 @@
+"""Gunicorn and Daphne started for real, talked to with HTTP and a real WebSocket client."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import websockets
+from websockets.asyncio.client import connect as ws_connect
+
+from .conftest import free_port
+
+APP_DIR = Path(__file__).resolve().parent.parent
+RELEASE = "release-under-test"
+
+
+def run_manage(env, *args):
+    result = subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=APP_DIR, env=env,
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def http_get(url, timeout=5):
+    """(status, body) for a GET; HTTP error statuses are returned, not raised."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def wait_until_serving(process, url, log, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            http_get(url, timeout=1)
+            return
+        except OSError:
+            time.sleep(0.1)
+    pytest.fail(f"{url} did not answer within {timeout} s:\n{log.read_text()}")
+
+
+def stop(process):
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def servers(redis_url, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("servers")
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "SECRET_KEY": "servers-test-secret",
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}",
+        "STATIC_ROOT": str(workdir / "static"),
+        "RELEASE": RELEASE,
+        "LOG_LEVEL": "WARNING",
+    }
+    run_manage(env, "migrate", "--noinput")
+    run_manage(env, "collectstatic", "--noinput")
+
+    gunicorn_port, daphne_port = free_port(), free_port()
+    commands = {
+        "gunicorn": [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{gunicorn_port}",
+                     "--workers", "2", "chatservice.wsgi:application"],
+        "daphne": [sys.executable, "-m", "daphne", "-v", "0", "-b", "127.0.0.1",
+                   "-p", str(daphne_port), "chatservice.asgi:application"],
+    }
+    processes = {}
+    try:
+        for name, command in commands.items():
+            log = workdir / f"{name}.log"
+            processes[name] = (
+                subprocess.Popen(command, cwd=APP_DIR, env=env, stdout=log.open("w"),
+                                 stderr=subprocess.STDOUT),
+                log,
+            )
+        urls = {
+            "gunicorn": f"http://127.0.0.1:{gunicorn_port}",
+            "daphne": f"http://127.0.0.1:{daphne_port}",
+        }
+        for name, (process, log) in processes.items():
+            wait_until_serving(process, urls[name] + "/healthz", log)
+        yield urls
+    finally:
+        for process, _ in processes.values():
+            stop(process)
+
+
+def ws_url(servers, path):
+    return servers["daphne"].replace("http://", "ws://") + path
+
+
+def origin(servers):
+    return servers["daphne"]
+
+
+def test_gunicorn_health_says_wsgi(servers):
+    status, body = http_get(servers["gunicorn"] + "/healthz")
+    assert status == 200, body
+    assert json.loads(body) == {
+        "status": "ok",
+        "release": RELEASE,
+        "interface": "wsgi",
+        "checks": {"database": "ok", "redis": "ok"},
+    }
+
+
+def test_daphne_health_says_asgi(servers):
+    status, body = http_get(servers["daphne"] + "/healthz")
+    assert status == 200, body
+    assert json.loads(body)["interface"] == "asgi"
+    assert json.loads(body)["status"] == "ok"
+
+
+def test_gunicorn_serves_pages_with_hashed_static_urls(servers):
+    status, body = http_get(servers["gunicorn"] + "/chat/general/")
+    assert status == 200
+    # ManifestStaticFilesStorage names files by content hash after collectstatic.
+    assert "/static/chat/room." in body and "/static/chat/room.js" not in body
+    status, _ = http_get(servers["gunicorn"] + "/chat/Not-Valid/")
+    assert status == 404
+
+
+def test_websocket_health_on_daphne(servers):
+    async def scenario():
+        async with ws_connect(ws_url(servers, "/ws/health/"), origin=origin(servers)) as ws:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            with pytest.raises(websockets.ConnectionClosedOK):
+                await asyncio.wait_for(ws.recv(), 5)
+            return frame, ws.close_code
+
+    frame, close_code = asyncio.run(scenario())
+    assert frame == {"status": "ok", "interface": "asgi", "release": RELEASE}
+    assert close_code == 1000
+
+
+def test_two_clients_chat_through_daphne(servers):
+    async def scenario():
+        url = ws_url(servers, "/ws/chat/servers-test/")
+        async with ws_connect(url, origin=origin(servers)) as alice, \
+                ws_connect(url, origin=origin(servers)) as bob:
+            for ws in (alice, bob):
+                assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "history"
+            await alice.send(json.dumps({"type": "message", "nickname": "alice", "body": "hi bob"}))
+            return [json.loads(await asyncio.wait_for(ws.recv(), 5)) for ws in (alice, bob)]
+
+    to_alice, to_bob = asyncio.run(scenario())
+    assert to_alice == to_bob
+    assert (to_bob["type"], to_bob["nickname"], to_bob["body"], to_bob["seq"]) == (
+        "message", "alice", "hi bob", 1,
+    )
+    # Gunicorn shares the database: the lobby now lists the room.
+    status, body = http_get(servers["gunicorn"] + "/")
+    assert status == 200 and 'href="/chat/servers-test/"' in body
+
+
+def test_daphne_refuses_foreign_origin(servers):
+    async def scenario():
+        async with ws_connect(ws_url(servers, "/ws/chat/general/"), origin="http://evil.example"):
+            pass
+
+    with pytest.raises(websockets.InvalidStatus) as caught:
+        asyncio.run(scenario())
+    assert caught.value.response.status_code == 403
+
+
+def test_daphne_closes_invalid_room_with_4004(servers):
+    async def scenario():
+        async with ws_connect(ws_url(servers, "/ws/chat/Bad.Room/"), origin=origin(servers)) as ws:
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+            return ws.close_code
+
+    assert asyncio.run(scenario()) == 4004

@@ -1,0 +1,85 @@
+"""Shared fixtures for the Molecule scenarios' verify step.
+
+Checks run in two places: on the host through testinfra (`host`), and from
+the controller through Nginx's published port with real HTTP and WebSocket
+clients (`edge`), the way a browser reaches the service.
+"""
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+
+import docker
+import pytest
+import testinfra.utils.ansible_runner
+from websockets.sync.client import connect
+
+INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
+testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("all")
+
+
+class Edge:
+    """The service as a client sees it: Nginx on 127.0.0.1:<published port>."""
+
+    def __init__(self, port):
+        self.base = f"http://127.0.0.1:{port}"
+        self.ws_base = f"ws://127.0.0.1:{port}"
+        # AllowedHostsOriginValidator answers a handshake without a matching
+        # Origin with 403, so clients send the site's own origin.
+        self.origin = self.base
+
+    def get(self, path, timeout=10):
+        """GET path; returns (status, body) without raising on 4xx/5xx."""
+        try:
+            with urllib.request.urlopen(self.base + path, timeout=timeout) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    def get_json(self, path):
+        status, body = self.get(path)
+        return status, json.loads(body)
+
+    def websocket(self, path, origin=None, timeout=10):
+        return connect(self.ws_base + path, origin=origin or self.origin, open_timeout=timeout)
+
+    def receive(self, ws, timeout=10):
+        return json.loads(ws.recv(timeout=timeout))
+
+    def wait_healthy(self, timeout=60):
+        """Wait until HTTP answers ok and a WebSocket answers through Nginx."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                status, body = self.get("/healthz", timeout=5)
+                if status == 200:
+                    with self.websocket("/ws/health/", timeout=5) as ws:
+                        if self.receive(ws, timeout=5)["interface"] == "asgi":
+                            return
+                last = f"/healthz answered {status}: {body[:200]}"
+            except Exception as error:  # any failure means: not up yet
+                last = repr(error)
+            time.sleep(1)
+        pytest.fail(f"the service did not become healthy in {timeout} s: {last}")
+
+
+def _published_port(container_name):
+    container = docker.from_env().containers.get(container_name)
+    return container.ports["80/tcp"][0]["HostPort"]
+
+
+@pytest.fixture(scope="module")
+def edge(host):
+    return Edge(_published_port(host.backend.get_hostname()))
+
+
+@pytest.fixture(scope="module")
+def daphne_instances(host):
+    """Instance numbers of the enabled Daphne units."""
+    out = host.check_output("systemctl list-unit-files --no-legend --state=enabled 'chat-daphne@*.service'")
+    instances = sorted(int(line.split("@")[1].split(".")[0]) for line in out.splitlines() if line.strip())
+    assert instances, "no chat-daphne@N.service is enabled"
+    return instances

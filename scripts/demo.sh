@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The local demo: a Debian 12 systemd host in a container, turned into the
+# running chat service by site.yml, with Nginx on 127.0.0.1:$CHAT_PUBLISHED_PORT.
+#   scripts/demo.sh up     set up what is missing, create the host, deploy
+#   scripts/demo.sh down   remove the host (the image and secrets stay)
+source "$(dirname "$0")/lib.sh"
+
+DEMO_HOST=chat-demo
+export CHAT_PUBLISHED_PORT="${CHAT_PUBLISHED_PORT:-8080}"
+
+case "${1:-up}" in
+  up)
+    require_root
+    ensure_toolchain
+    ensure_host_image
+    "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" up "$DEMO_HOST" "$CHAT_PUBLISHED_PORT"
+    log "deploying with: ansible-playbook site.yml -i inventories/local"
+    (cd "$REPO_ROOT" && ansible-playbook site.yml -i inventories/local)
+    log "the chat is at http://127.0.0.1:$CHAT_PUBLISHED_PORT/"
+    ;;
+  down)
+    ensure_toolchain
+    "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" down "$DEMO_HOST"
+    ;;
+  *)
+    die "usage: $0 [up|down]"
+    ;;
+esac

@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Start or remove a local Debian systemd host in a container.
+
+The container options come from the platform of Molecule's default scenario,
+so the demo host and the tested host are made the same way:
+
+    host.py up NAME PORT     start NAME with its port 80 on 127.0.0.1:PORT
+    host.py down NAME        remove NAME
+"""
+
+import argparse
+import pathlib
+import sys
+import time
+
+import docker
+import yaml
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+PLATFORM_FILE = REPO / "molecule" / "default" / "molecule.yml"
+
+
+def platform():
+    return yaml.safe_load(PLATFORM_FILE.read_text())["platforms"][0]
+
+
+def wait_for_systemd(container, timeout=60):
+    """Wait until systemd in the container finished booting."""
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        result = container.exec_run(["systemctl", "is-system-running"])
+        state = result.output.decode().strip()
+        if state in ("running", "degraded"):
+            return state
+        time.sleep(1)
+    sys.exit(f"systemd in {container.name} did not finish booting in {timeout} s (state: {state})")
+
+
+def up(client, name, port):
+    try:
+        container = client.containers.get(name)
+    except docker.errors.NotFound:
+        p = platform()
+        container = client.containers.run(
+            p["image"],
+            name=name,
+            hostname=name,
+            command=p["command"],
+            detach=True,
+            stop_signal=p["stop_signal"],
+            cap_add=p["capabilities"],
+            security_opt=p["security_opts"],
+            cgroupns=p["cgroupns_mode"],
+            volumes=p["volumes"],
+            tmpfs={path: "" for path in p["tmpfs"]},
+            sysctls=p.get("sysctls", {}),
+            ports={"80/tcp": ("127.0.0.1", int(port))},
+            # A reboot of the machine brings the demo back.
+            restart_policy={"Name": "unless-stopped"},
+        )
+    if container.status != "running":
+        container.start()
+    print(f"{name}: systemd {wait_for_systemd(container)}")
+
+
+def down(client, name):
+    try:
+        client.containers.get(name).remove(force=True)
+        print(f"{name}: removed")
+    except docker.errors.NotFound:
+        print(f"{name}: not there")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="action", required=True)
+    p_up = sub.add_parser("up")
+    p_up.add_argument("name")
+    p_up.add_argument("port", type=int)
+    p_down = sub.add_parser("down")
+    p_down.add_argument("name")
+    args = parser.parse_args()
+    client = docker.from_env()
+    if args.action == "up":
+        up(client, args.name, args.port)
+    else:
+        down(client, args.name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what is missing
+# (toolchain, container engine, debootstrap, redis-server), then runs
+#   lint       yamllint and ansible-lint (production profile)
+#   preflight  bad inventories stop before any host is touched
+#   app        the Django app's tests on Python 3.11 (and 3.13 when present)
+#   molecule   `molecule test` for every scenario in molecule/
+# Run one step with: scripts/test.sh lint|preflight|app|molecule
+source "$(dirname "$0")/lib.sh"
+
+passed=0
+failed=0
+failures=()
+
+step() {
+  local name="$1"; shift
+  log "step: $name"
+  if "$@"; then
+    passed=$((passed + 1))
+  else
+    failed=$((failed + 1))
+    failures+=("$name")
+  fi
+}
+
+# Python 3.13 for the app's second supported interpreter: on the PATH, or
+# one that pyenv holds without having it active.
+python313() {
+  local candidate
+  for candidate in python3.13 /root/.pyenv/versions/3.13*/bin/python3.13 /usr/bin/python3.13; do
+    if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 13)' 2>/dev/null; then
+      echo "$candidate"
+      return
+    fi
+  done
+  return 1
+}
+
+lint() {
+  (cd "$REPO_ROOT" && yamllint --strict . && ansible-lint --profile production)
+}
+
+preflight() {
+  (cd "$REPO_ROOT" && pytest -q tests)
+}
+
+app_tests() {
+  local py313
+  PYTHON=python3 "$REPO_ROOT/app/run-tests" -q || return 1
+  if py313="$(python313)"; then
+    PYTHON="$py313" TEST_VENV="$REPO_ROOT/app/.venv-test-3.13" "$REPO_ROOT/app/run-tests" -q || return 1
+  else
+    log "SKIPPED: the app's tests on Python 3.13 (no python3.13 on this machine)"
+  fi
+}
+
+molecule_tests() {
+  ensure_host_image
+  local scenario rc=0
+  for scenario in "$REPO_ROOT"/molecule/*/molecule.yml; do
+    scenario="$(basename "$(dirname "$scenario")")"
+    (cd "$REPO_ROOT" && molecule test --scenario-name "$scenario") || rc=1
+  done
+  return "$rc"
+}
+
+require_root
+ensure_debian_packages
+ensure_toolchain
+
+case "${1:-all}" in
+  lint) step lint lint ;;
+  preflight) step preflight preflight ;;
+  app) step app app_tests ;;
+  molecule) step molecule molecule_tests ;;
+  all)
+    step lint lint
+    step preflight preflight
+    step app app_tests
+    step molecule molecule_tests
+    ;;
+  *) die "usage: $0 [all|lint|preflight|app|molecule]" ;;
+esac
+
+[ "$failed" -eq 0 ] || log "failed steps: ${failures[*]}"
+echo "suite: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

@@ -14,7 +14,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect as ws_connect
 
-from .conftest import free_port
+from .conftest import free_port, stop
 
 APP_DIR = Path(__file__).resolve().parent.parent
 RELEASE = "release-under-test"
@@ -48,15 +48,6 @@ def wait_until_serving(process, url, log, timeout=30):
         except OSError:
             time.sleep(0.1)
     pytest.fail(f"{url} did not answer within {timeout} s:\n{log.read_text()}")
-
-
-def stop(process):
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @pytest.fixture(scope="module")

@@ -78,8 +78,9 @@ def edge(host):
 
 @pytest.fixture(scope="module")
 def daphne_instances(host):
-    """Instance numbers of the enabled Daphne units."""
-    out = host.check_output("systemctl list-unit-files --no-legend --state=enabled 'chat-daphne@*.service'")
-    instances = sorted(int(line.split("@")[1].split(".")[0]) for line in out.splitlines() if line.strip())
+    """Instance numbers of the Daphne units enabled at boot."""
+    out = host.check_output(
+        "find /etc/systemd/system/multi-user.target.wants -name 'chat-daphne@*.service' -printf '%f\\n'")
+    instances = sorted(int(name.split("@")[1].split(".")[0]) for name in out.split())
     assert instances, "no chat-daphne@N.service is enabled"
     return instances

@@ -35,21 +35,37 @@ def test_system_not_degraded(host):
         host.run("systemctl --failed --no-legend").stdout
 
 
-def _assert_app_socket(host, path):
-    socket = host.file(path)
-    assert socket.exists and socket.is_socket, f"{path} is not a socket"
-    assert socket.user == "chat"
-    assert socket.group == "www-data", "Nginx must reach the socket through its group"
-    assert socket.mode == 0o660
+CONNECT = "python3 -c 'import socket,sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' "
 
 
-def test_gunicorn_socket(host):
-    _assert_app_socket(host, "/run/chat/gunicorn.sock")
+@pytest.fixture(scope="module")
+def app_sockets(host, daphne_instances):
+    return ["/run/chat/gunicorn.sock"] + [f"/run/chat/daphne-{n}.sock" for n in daphne_instances]
 
 
-def test_daphne_sockets(host, daphne_instances):
-    for n in daphne_instances:
-        _assert_app_socket(host, f"/run/chat/daphne-{n}.sock")
+def test_socket_folder_open_to_nginx_only(host):
+    folder = host.file("/run/chat")
+    assert folder.is_directory
+    assert (folder.user, folder.group, folder.mode) == ("chat", "www-data", 0o750)
+
+
+def test_app_sockets_owned_by_app_and_nginx_group(host, app_sockets):
+    for path in app_sockets:
+        socket = host.file(path)
+        assert socket.exists and socket.is_socket, f"{path} is not a socket"
+        assert (socket.user, socket.group) == ("chat", "www-data"), path
+
+
+def test_nginx_user_can_connect_to_app_sockets(host, app_sockets):
+    for path in app_sockets:
+        result = host.run("runuser -u www-data -- " + CONNECT + path)
+        assert result.rc == 0, f"www-data cannot connect to {path}: {result.stderr}"
+
+
+def test_other_users_cannot_connect_to_app_sockets(host, app_sockets):
+    for path in app_sockets:
+        result = host.run("runuser -u nobody -- " + CONNECT + path)
+        assert result.rc != 0 and "Permission denied" in result.stderr, f"nobody reached {path}"
 
 
 def test_nginx_config_valid(host):

@@ -1,5 +1,7 @@
 """The host: packages, units, sockets, files and Redis exposure."""
 
+import re
+
 import pytest
 
 APP_UNITS = ["chat-gunicorn.socket", "chat-gunicorn.service"]
@@ -125,3 +127,11 @@ def test_app_units_are_sandboxed(host):
     assert "ProtectSystem=strict" in props
     assert "PrivateTmp=yes" in props
     assert "User=chat" in props
+
+
+@pytest.mark.parametrize("unit", ["chat-gunicorn.service", "chat-daphne@1.service"])
+def test_app_unit_exposure_is_low(host, unit):
+    """systemd's own score of the sandbox: 0 is locked down, 10 is exposed."""
+    out = host.check_output(f"systemd-analyze security --no-pager {unit}")
+    score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out).group(1))
+    assert score <= 2.0, out

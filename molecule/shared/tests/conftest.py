@@ -48,22 +48,30 @@ class Edge:
     def receive(self, ws, timeout=10):
         return json.loads(ws.recv(timeout=timeout))
 
-    def wait_healthy(self, timeout=60):
-        """Wait until HTTP answers ok and a WebSocket answers through Nginx."""
+    def healthy_once(self):
+        """One HTTP health check and one WebSocket health check, both through Nginx."""
+        status, body = self.get("/healthz", timeout=5)
+        assert status == 200, f"/healthz answered {status}: {body[:200]}"
+        with self.websocket("/ws/health/", timeout=5) as ws:
+            assert self.receive(ws, timeout=5)["interface"] == "asgi"
+
+    def wait_healthy(self, timeout=60, in_a_row=10):
+        """Wait until both halves answer `in_a_row` times running.
+
+        Several in a row, because each Nginx worker and each upstream server
+        answers on its own: one success proves only one path.
+        """
         deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
+        streak, last = 0, None
+        while streak < in_a_row:
+            if time.monotonic() > deadline:
+                pytest.fail(f"the service did not become healthy in {timeout} s: {last}")
             try:
-                status, body = self.get("/healthz", timeout=5)
-                if status == 200:
-                    with self.websocket("/ws/health/", timeout=5) as ws:
-                        if self.receive(ws, timeout=5)["interface"] == "asgi":
-                            return
-                last = f"/healthz answered {status}: {body[:200]}"
+                self.healthy_once()
+                streak += 1
             except Exception as error:  # any failure means: not up yet
-                last = repr(error)
-            time.sleep(1)
-        pytest.fail(f"the service did not become healthy in {timeout} s: {last}")
+                streak, last = 0, repr(error)
+                time.sleep(1)
 
 
 def _published_port(container_name):

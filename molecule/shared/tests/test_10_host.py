@@ -78,7 +78,7 @@ def test_nginx_config_valid(host):
 def test_nginx_upstream_lists_every_daphne(host, daphne_instances):
     site = host.file("/etc/nginx/sites-enabled/chat.conf").content_string
     for n in daphne_instances:
-        assert f"server unix:/run/chat/daphne-{n}.sock;" in site
+        assert f"server unix:/run/chat/daphne-{n}.sock max_fails=0;" in site
     assert "least_conn;" in site
     assert not host.file("/etc/nginx/sites-enabled/default").exists
 

@@ -6,6 +6,7 @@ started. None of them reaches a remote host: the first preflight play runs
 on the controller only, and the second gathers facts of a local host.
 """
 
+import os
 import pathlib
 import subprocess
 import textwrap
@@ -17,9 +18,12 @@ FIRST_CHANGING_PLAY = "PLAY [Base system]"
 
 
 def run_site(inventory, *extra):
+    # Facts of the probe host (this controller) go to a cache of their own,
+    # not into the project's.
+    env = dict(os.environ, ANSIBLE_CACHE_PLUGIN_CONNECTION=str(pathlib.Path(inventory) / ".facts"))
     result = subprocess.run(
         ["ansible-playbook", "site.yml", "-i", str(inventory), *extra],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
     )
     return result.returncode, result.stdout + result.stderr
 

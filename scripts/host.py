@@ -9,7 +9,9 @@ so the demo host and the tested host are made the same way:
 """
 
 import argparse
+import os
 import pathlib
+import re
 import sys
 import time
 
@@ -18,6 +20,11 @@ import yaml
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PLATFORM_FILE = REPO / "molecule" / "default" / "molecule.yml"
+
+
+def expand(value):
+    """Expand ${VAR:-default} the way Molecule does in molecule.yml."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: os.environ.get(m.group(1)) or m.group(2), value)
 
 
 def platform():
@@ -43,7 +50,7 @@ def up(client, name, port):
     except docker.errors.NotFound:
         p = platform()
         container = client.containers.run(
-            p["image"],
+            expand(p["image"]),
             name=name,
             hostname=name,
             command=p["command"],

@@ -8,8 +8,9 @@ set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${CHAT_TOOLCHAIN_VENV:-$REPO_ROOT/.venv}"
-HOST_IMAGE_SUITE="${CHAT_HOST_SUITE:-bookworm}"
-HOST_IMAGE="${CHAT_HOST_IMAGE:-chat-host:$HOST_IMAGE_SUITE}"
+# The Debian release of the local systemd hosts: bookworm (12) by default,
+# trixie (13) for the second supported release. Molecule reads it too.
+export CHAT_HOST_SUITE="${CHAT_HOST_SUITE:-bookworm}"
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -85,19 +86,21 @@ debian_mirror() {
 # debootstrap because no container registry can be reached. The image carries
 # the hash of this builder; a changed builder rebuilds it.
 ensure_host_image() {
+  local suite="${1:-$CHAT_HOST_SUITE}"
+  local image="chat-host:$suite"
   ensure_engine
   local builder_hash
   builder_hash="$(sed -n '/^ensure_host_image()/,/^}/p' "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"
-  if [ "$(docker image inspect -f '{{ index .Config.Labels "builder" }}' "$HOST_IMAGE" 2>/dev/null)" = "$builder_hash" ]; then
+  if [ "$(docker image inspect -f '{{ index .Config.Labels "builder" }}' "$image" 2>/dev/null)" = "$builder_hash" ]; then
     return
   fi
   local mirror rootfs
   mirror="$(debian_mirror)"
   rootfs="$(mktemp -d /var/tmp/chat-host-rootfs.XXXXXX)"
-  log "building $HOST_IMAGE with debootstrap from $mirror (about a minute)"
+  log "building $image with debootstrap from $mirror (about a minute)"
   debootstrap --variant=minbase \
     --include=systemd,systemd-sysv,dbus,python3,python3-apt,sudo,ca-certificates,iproute2,procps \
-    "$HOST_IMAGE_SUITE" "$rootfs" "$mirror" >"$rootfs.log" 2>&1 \
+    "$suite" "$rootfs" "$mirror" >"$rootfs.log" 2>&1 \
     || { tail -20 "$rootfs.log" >&2; die "debootstrap failed"; }
   # A container has no kernel modules to load and no console to get a tty on;
   # these units would only fail and leave the host "degraded".
@@ -112,6 +115,6 @@ ensure_host_image() {
     --change 'CMD ["/lib/systemd/systemd"]' \
     --change 'ENV container=docker' \
     --change "LABEL builder=$builder_hash" \
-    - "$HOST_IMAGE" >/dev/null
+    - "$image" >/dev/null
   rm -rf "$rootfs" "$rootfs.log"
 }

@@ -4,7 +4,8 @@
 #   lint       yamllint and ansible-lint (production profile)
 #   preflight  bad inventories stop before any host is touched
 #   app        the Django app's tests on Python 3.11 (and 3.13 when present)
-#   molecule   `molecule test` for every scenario in molecule/
+#   molecule   `molecule test` for every scenario in molecule/, on Debian 12
+#              (bookworm) hosts and again on Debian 13 (trixie) hosts
 # Run one step with: scripts/test.sh lint|preflight|app|molecule
 source "$(dirname "$0")/lib.sh"
 
@@ -54,15 +55,20 @@ app_tests() {
   fi
 }
 
+# Every scenario on hosts of one Debian release (bookworm or trixie).
 molecule_tests() {
-  ensure_host_image
-  local scenario rc=0
+  local suite="$1" scenario rc=0
+  ensure_host_image "$suite"
   for scenario in "$REPO_ROOT"/molecule/*/molecule.yml; do
     scenario="$(basename "$(dirname "$scenario")")"
-    (cd "$REPO_ROOT" && molecule test --scenario-name "$scenario") || rc=1
+    log "molecule test --scenario-name $scenario on Debian $suite"
+    (cd "$REPO_ROOT" && CHAT_HOST_SUITE="$suite" molecule test --scenario-name "$scenario") || rc=1
   done
   return "$rc"
 }
+
+# Debian 12 and Debian 13, the releases the roles support.
+SUITES=(bookworm trixie)
 
 require_root
 ensure_debian_packages
@@ -72,12 +78,14 @@ case "${1:-all}" in
   lint) step lint lint ;;
   preflight) step preflight preflight ;;
   app) step app app_tests ;;
-  molecule) step molecule molecule_tests ;;
+  molecule)
+    for suite in "${SUITES[@]}"; do step "molecule-$suite" molecule_tests "$suite"; done
+    ;;
   all)
     step lint lint
     step preflight preflight
     step app app_tests
-    step molecule molecule_tests
+    for suite in "${SUITES[@]}"; do step "molecule-$suite" molecule_tests "$suite"; done
     ;;
   *) die "usage: $0 [all|lint|preflight|app|molecule]" ;;
 esac

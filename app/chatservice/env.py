@@ -31,30 +31,25 @@ def env_bool(name, default=False):
     )
 
 
-def env_int(name, default, minimum=None):
+def _env_number(name, default, minimum, convert, kind):
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
     try:
-        value = int(raw)
+        value = convert(raw)
     except ValueError:
-        raise ImproperlyConfigured(f"{name}={raw!r} is not an integer.") from None
+        raise ImproperlyConfigured(f"{name}={raw!r} is not {kind}.") from None
     if minimum is not None and value < minimum:
         raise ImproperlyConfigured(f"{name}={value} must be at least {minimum}.")
     return value
+
+
+def env_int(name, default, minimum=None):
+    return _env_number(name, default, minimum, int, "an integer")
 
 
 def env_float(name, default, minimum=None):
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ImproperlyConfigured(f"{name}={raw!r} is not a number.") from None
-    if minimum is not None and value < minimum:
-        raise ImproperlyConfigured(f"{name}={value} must be at least {minimum}.")
-    return value
+    return _env_number(name, default, minimum, float, "a number")
 
 
 def env_list(name, default=""):

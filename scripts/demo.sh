@@ -3,6 +3,7 @@
 # running chat service by site.yml, with Nginx on 127.0.0.1:$CHAT_PUBLISHED_PORT.
 #   scripts/demo.sh up     set up what is missing, create the host, deploy
 #   scripts/demo.sh down   remove the host (the image and secrets stay)
+# shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 DEMO_HOST=chat-demo
@@ -12,7 +13,7 @@ case "${1:-up}" in
   up)
     require_root
     ensure_toolchain
-    ensure_host_image
+    ensure_host_image "$CHAT_HOST_SUITE"
     "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" up "$DEMO_HOST" "$CHAT_PUBLISHED_PORT"
     log "deploying with: ansible-playbook site.yml -i inventories/local"
     (cd "$REPO_ROOT" && ansible-playbook site.yml -i inventories/local)

@@ -26,6 +26,7 @@ ensure_debian_packages() {
   command -v dockerd >/dev/null || missing+=(docker.io)
   command -v debootstrap >/dev/null || missing+=(debootstrap)
   command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v shellcheck >/dev/null || missing+=(shellcheck)
   python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
   if [ "${#missing[@]}" -gt 0 ]; then
     log "installing ${missing[*]}"
@@ -43,8 +44,7 @@ ensure_engine() {
   fi
   log "starting dockerd (log: /var/log/dockerd.log)"
   setsid dockerd >/var/log/dockerd.log 2>&1 </dev/null &
-  local i
-  for i in $(seq 1 60); do
+  for _ in $(seq 1 60); do
     docker info >/dev/null 2>&1 && return
     sleep 1
   done

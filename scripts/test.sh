@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what is missing
 # (toolchain, container engine, debootstrap, redis-server), then runs
-#   lint       yamllint and ansible-lint (production profile)
+#   lint       yamllint, ansible-lint (production profile) and shellcheck
 #   preflight  bad inventories stop before any host is touched
 #   app        the Django app's tests on Python 3.11 (and 3.13 when present)
 #   molecule   `molecule test` for every scenario in molecule/, on Debian 12
 #              (bookworm) hosts and again on Debian 13 (trixie) hosts
 # Run one step with: scripts/test.sh lint|preflight|app|molecule
+# shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 passed=0
@@ -38,7 +39,10 @@ python313() {
 }
 
 lint() {
-  (cd "$REPO_ROOT" && yamllint --strict . && ansible-lint --profile production)
+  (cd "$REPO_ROOT" \
+    && yamllint --strict . \
+    && ansible-lint --profile production \
+    && shellcheck -x -P SCRIPTDIR/.. scripts/*.sh .ci/run app/run-tests)
 }
 
 preflight() {

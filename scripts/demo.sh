@@ -23,7 +23,7 @@ case "${1:-up}" in
     ensure_toolchain
     "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" down "$DEMO_HOST"
     # A new demo host must not inherit the old one's cached facts.
-    rm -f "$REPO_ROOT/.cache/facts/"*"_$DEMO_HOST" "$REPO_ROOT/.cache/facts/$DEMO_HOST"
+    rm -f "$REPO_ROOT/.cache/facts/"*"_$DEMO_HOST"
     ;;
   *)
     die "usage: $0 [up|down]"

@@ -71,8 +71,11 @@ molecule_tests() {
   return "$rc"
 }
 
-# Debian 12 and Debian 13, the releases the roles support.
-SUITES=(bookworm trixie)
+# Molecule on Debian 12 and on Debian 13, the releases the roles support.
+molecule_steps() {
+  local suite
+  for suite in bookworm trixie; do step "molecule-$suite" molecule_tests "$suite"; done
+}
 
 require_root
 ensure_debian_packages
@@ -82,14 +85,12 @@ case "${1:-all}" in
   lint) step lint lint ;;
   preflight) step preflight preflight ;;
   app) step app app_tests ;;
-  molecule)
-    for suite in "${SUITES[@]}"; do step "molecule-$suite" molecule_tests "$suite"; done
-    ;;
+  molecule) molecule_steps ;;
   all)
     step lint lint
     step preflight preflight
     step app app_tests
-    for suite in "${SUITES[@]}"; do step "molecule-$suite" molecule_tests "$suite"; done
+    molecule_steps
     ;;
   *) die "usage: $0 [all|lint|preflight|app|molecule]" ;;
 esac

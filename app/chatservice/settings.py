@@ -29,7 +29,26 @@ if DEBUG:
     ALLOWED_HOSTS += [h for h in ("localhost", "127.0.0.1", "[::1]") if h not in ALLOWED_HOSTS]
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
 
-RELEASE = env_str("RELEASE", "dev")
+
+
+def _release_id():
+    """The release this code belongs to.
+
+    A deployed release carries its id in release.env beside the code. Read
+    from there rather than from the process environment, because Gunicorn's
+    graceful reload (HUP) starts workers of a new release under a master
+    whose environment still names the old one.
+    """
+    release_file = BASE_DIR / "release.env"
+    if release_file.is_file():
+        for line in release_file.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "RELEASE" and value.strip():
+                return value.strip()
+    return env_str("RELEASE", "dev")
+
+
+RELEASE = _release_id()
 
 INSTALLED_APPS = [
     # First, so that `manage.py runserver` serves ASGI (HTTP and WebSockets).

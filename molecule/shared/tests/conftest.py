@@ -7,6 +7,8 @@ clients (`edge`), the way a browser reaches the service.
 
 import json
 import os
+import shutil
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +19,7 @@ import testinfra.utils.ansible_runner
 from websockets.sync.client import connect
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
+REPO = os.environ["MOLECULE_PROJECT_DIRECTORY"]
 testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("all")
 
 
@@ -92,3 +95,55 @@ def daphne_instances(host):
     instances = sorted(int(name.split("@")[1].split(".")[0]) for name in out.split())
     assert instances, "no chat-daphne@N.service is enabled"
     return instances
+
+
+_REPORTS = []
+
+
+def report(line):
+    """A measured figure, printed in the run's summary (pytest captures print())."""
+    _REPORTS.append(line)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORTS:
+        terminalreporter.section("measured")
+        for line in _REPORTS:
+            terminalreporter.write_line(line)
+
+
+def playbook_command(playbook, *args):
+    return ["ansible-playbook", os.path.join(REPO, playbook), "-i", INVENTORY, *args]
+
+
+def playbook_env():
+    """Output the tests can search: no colours, results as JSON (not wrapped YAML)."""
+    return {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0",
+            "ANSIBLE_CALLBACK_RESULT_FORMAT": "json"}
+
+
+def run_playbook(playbook, *args, timeout=900):
+    """ansible-playbook against the scenario's hosts, as Molecule's converge runs it.
+
+    playbook is relative to the repository (site.yml, playbooks/deploy.yml).
+    Returns the CompletedProcess, with the run's duration as .seconds.
+    """
+    started = time.monotonic()
+    # Ansible writes failures to stderr: one stream keeps them in order.
+    result = subprocess.run(playbook_command(playbook, *args), cwd=REPO, env=playbook_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=timeout)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def app_copy(tmp_path, name, change=None):
+    """A copy of app/ to ship as another release; change(path) edits it."""
+    target = tmp_path / name
+    shutil.copytree(os.path.join(REPO, "app"), target, ignore=shutil.ignore_patterns(
+        ".venv*", "__pycache__", "*.pyc", ".pytest_cache", "staticfiles", "db.sqlite3*"))
+    # Any new file makes a new release id; the lock file stays the same.
+    (target / "DEPLOY_MARK").write_text(f"{name} {time.time()}\n")
+    if change:
+        change(target)
+    return target

@@ -1,0 +1,147 @@
+"""Daphne as a systemd service: ``python -m chatservice.serve_daphne [daphne options]``.
+
+Takes the same options as the ``daphne`` command and adds what a service
+under systemd socket activation needs, which Daphne itself does not do:
+
+- **Readiness**: tells systemd ``READY=1`` (sd_notify) once the application
+  is imported and the adopted socket is being served, so a ``Type=notify``
+  unit's ``systemctl restart`` returns only when the instance answers. A
+  rolling restart can then move to the next instance without a gap.
+- **A socket that stays systemd's**: Twisted treats a unix socket it adopts
+  as its own. It calls ``listen()`` again with its default backlog of 50
+  (overriding the socket unit's ``Backlog=``: a burst of more than 50
+  handshakes is refused, 502 from Nginx), makes the file world-writable
+  (0666, overriding ``SocketMode=``), and on stop calls ``shutdown()`` on it
+  and unlinks its path: systemd then sees the socket fail ("Got POLLHUP on a
+  listening socket") and the next instance cannot start ("No such file").
+  The adopted port here keeps ``CHAT_LISTEN_BACKLOG`` and the file's mode,
+  and leaves the socket open and in place when the process stops, so
+  connections queue in it while the instance restarts.
+- **A clean goodbye on stop**: on SIGTERM every open WebSocket gets a close
+  frame with code 1012 (service restart, RFC 6455 / IANA) before the process
+  exits, instead of a dropped TCP connection (1006 on the client). The page
+  reconnects with jitter and catches up from history by seq. Daphne cannot
+  send 1012 through ASGI (autobahn's ``sendClose`` only allows 1000 and
+  3000-4999), so the frame is sent on the protocol directly.
+"""
+
+import os
+import socket
+import stat
+import time
+
+# Importing daphne.server installs Twisted's asyncio reactor: it must come
+# before anything imports twisted.internet.reactor.
+from daphne.cli import CommandLineInterface
+from daphne.server import Server
+from twisted.internet import defer, reactor, task, tcp, unix
+
+CLOSE_SERVICE_RESTART = 1012
+DEFAULT_BACKLOG = 2048
+DEFAULT_CLOSE_GRACE = 2.0
+
+
+def _env_number(name, default, convert):
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = convert(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise SystemExit(f"{name}={raw!r} must be greater than 0")
+    return value
+
+
+def notify_systemd(state):
+    """Send one sd_notify message; a no-op when not started by systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):  # abstract namespace
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.connect(address)
+        sock.sendall(state.encode())
+    return True
+
+
+class AdoptedUnixPort(unix.Port):
+    """A unix socket that systemd holds: served here, never reshaped or removed."""
+
+    # No shutdown() on stop: it would end the listening socket for systemd too.
+    _shouldShutdown = False
+
+    def connectionLost(self, reason):
+        # unix.Port.connectionLost unlinks the path first: skip to the close.
+        tcp.Port.connectionLost(self, reason)
+
+
+def adopt_unix_sockets_as_systemds(backlog):
+    """Make Twisted serve adopted unix sockets as AdoptedUnixPort, with ``backlog``."""
+
+    def adopted(cls, reactor, fd, factory):
+        sock = socket.fromfd(fd, cls.addressFamily, cls.socketType)
+        path = sock.getsockname()
+        port = AdoptedUnixPort(path, factory, backlog=backlog, reactor=reactor)
+        if unix._inFilesystemNamespace(port._bindPath):
+            # startListening chmods the file to port.mode: keep SocketMode=.
+            port.mode = stat.S_IMODE(os.stat(port._bindPath).st_mode)
+        port._preexistingSocket = sock
+        return port
+
+    unix.Port._fromListeningDescriptor = classmethod(adopted)
+
+
+def _open_websockets(server):
+    return [
+        protocol for protocol in list(server.connections)
+        if getattr(protocol, "state", None) == getattr(protocol, "STATE_OPEN", object())
+    ]
+
+
+def close_websockets(server, grace, clock=reactor):
+    """Send 1012 to every open WebSocket; wait up to ``grace`` s for them to go.
+
+    Returns a Deferred, which holds reactor shutdown (a "before" trigger)
+    until the clients have answered the close or the grace time is over.
+    """
+    sockets = _open_websockets(server)
+    for protocol in sockets:
+        protocol.sendCloseFrame(code=CLOSE_SERVICE_RESTART, reasonUtf8=b"service restart")
+    if not sockets:
+        return defer.succeed(0)
+    deadline = time.monotonic() + grace
+
+    def wait():
+        if not _open_websockets(server) or time.monotonic() >= deadline:
+            poller.stop()
+
+    poller = task.LoopingCall(wait)
+    poller.clock = clock
+    return poller.start(0.05, now=False).addCallback(lambda _: len(sockets))
+
+
+def main():
+    backlog = _env_number("CHAT_LISTEN_BACKLOG", DEFAULT_BACKLOG, int)
+    grace = _env_number("CHAT_CLOSE_GRACE", DEFAULT_CLOSE_GRACE, float)
+    adopt_unix_sockets_as_systemds(backlog)
+
+    original_run = Server.run
+
+    def run(server):
+        # Registered before Daphne's own trigger, which cancels the
+        # applications: the sockets are told first.
+        reactor.addSystemEventTrigger("before", "shutdown", close_websockets, server, grace)
+        # Daphne starts listening in run(), before the reactor runs: by the
+        # time this fires, the application is imported and the socket served.
+        reactor.callWhenRunning(notify_systemd, "READY=1")
+        original_run(server)
+
+    Server.run = run
+    CommandLineInterface.entrypoint()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""chatservice.serve_daphne started the way systemd starts it: an adopted socket."""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import websockets
+from websockets.asyncio.client import connect as ws_connect
+
+from .conftest import stop
+
+APP_DIR = Path(__file__).resolve().parent.parent
+BACKLOG = 1234
+
+
+def listen_backlog(path):
+    """The backlog of the listening unix socket at path, as `ss -lx` shows it."""
+    out = subprocess.run(["ss", "-Hlx", "src", str(path)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    # Netid State Recv-Q Send-Q Local ...: for a listener Send-Q is the backlog.
+    return int(out[3])
+
+
+@pytest.fixture()
+def launched(redis_url, tmp_path):
+    """serve_daphne on a unix socket passed as fd 3, like a systemd socket unit."""
+    if shutil.which("ss") is None:
+        pytest.skip("SKIPPED: `ss` (iproute2) is not installed")
+    sock_path = tmp_path / "daphne.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    os.chmod(sock_path, 0o660)
+    listener.listen(4096)
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(0.5)
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "SECRET_KEY": "serve-daphne-test-secret",
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        "RELEASE": "launcher-test",
+        "LOG_LEVEL": "WARNING",
+        "LISTEN_FDS": "1",
+        "LISTEN_FDNAMES": "daphne.socket",
+        "NOTIFY_SOCKET": str(notify_path),
+        "CHAT_LISTEN_BACKLOG": str(BACKLOG),
+    }
+    subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=APP_DIR, env=env,
+                   check=True, capture_output=True, timeout=120)
+    # systemd passes the socket as fd 3 and names the receiving PID; the
+    # shell moves the socket to fd 3, and its exec keeps its PID, so $$ is
+    # the launcher's.
+    fd = listener.fileno()
+    log = tmp_path / "daphne.log"
+    process = subprocess.Popen(
+        ["bash", "-c", f'exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ exec "$0" -m chatservice.serve_daphne '
+         '-v 0 --endpoint systemd:domain=UNIX:index=0 chatservice.asgi:application',
+         sys.executable],
+        cwd=APP_DIR, env=env, pass_fds=(fd,), stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        yield {"process": process, "socket": sock_path, "notify": notify, "log": log}
+    finally:
+        stop(process)
+        listener.close()
+        notify.close()
+
+
+def wait_ready(launched, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and launched["process"].poll() is None:
+        try:
+            return launched["notify"].recv(256).decode()
+        except TimeoutError:
+            continue
+    pytest.fail(f"no READY=1 within {timeout} s:\n{launched['log'].read_text()}")
+
+
+def test_tells_systemd_it_is_ready_and_keeps_the_socket_as_the_unit_made_it(launched):
+    assert wait_ready(launched) == "READY=1"
+    # Twisted's own defaults would be a backlog of 50 and mode 0666.
+    assert listen_backlog(launched["socket"]) == BACKLOG
+    assert stat.S_IMODE(launched["socket"].stat().st_mode) == 0o660
+
+
+def test_the_socket_outlives_the_process(launched):
+    wait_ready(launched)
+    stop(launched["process"])
+    # Still there and still listening: the next instance adopts it, and
+    # clients queue in it meanwhile.
+    assert launched["socket"].is_socket()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(2)
+        client.connect(str(launched["socket"]))
+
+
+def test_open_websockets_are_closed_with_1012_on_sigterm(launched):
+    wait_ready(launched)
+
+    async def scenario():
+        async with ws_connect("ws://localhost/ws/chat/launcher/", origin="http://localhost",
+                              unix=True, path=str(launched["socket"])) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "history"
+            launched["process"].send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+            return ws.close_code, ws.close_reason, time.monotonic() - started
+
+    code, reason, seconds = asyncio.run(scenario())
+    assert (code, reason) == (1012, "service restart")
+    assert seconds < 5
+    assert launched["process"].wait(timeout=10) == 0

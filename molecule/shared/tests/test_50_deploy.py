@@ -1,0 +1,215 @@
+"""Zero-downtime releases: deploys under live traffic, the health gate, rollback, the lock.
+
+The tests run in order and build on each other: the host starts on the
+release of the converge, with no previous release to roll back to.
+"""
+
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from conftest import REPO, app_copy, playbook_command, playbook_env, report, run_playbook
+from traffic import Traffic
+
+CLOSE_SERVICE_RESTART = 1012
+ROOT = "/srv/chat"
+
+
+def live_release(edge):
+    status, health = edge.get_json("/healthz")
+    assert status == 200, health
+    return health["release"]
+
+
+def venv_of(host, release):
+    return host.check_output(f"readlink -f {ROOT}/releases/{release}/.venv")
+
+
+def assert_no_failed_request(counts):
+    assert counts.http_failed == [], f"{len(counts.http_failed)} failed requests: {counts.http_failed[:5]}"
+    assert counts.http_ok > 50, "the load did not run"
+
+
+def assert_gentle_reconnects(counts):
+    assert counts.ws_failed_handshakes == [], counts.ws_failed_handshakes[:5]
+    codes = {code for code, _ in counts.reconnects}
+    assert codes <= {CLOSE_SERVICE_RESTART}, f"close codes seen: {codes}"
+    slowest = max((seconds for _, seconds in counts.reconnects), default=0)
+    assert slowest < 2, f"a WebSocket took {slowest:.2f} s to reconnect"
+    return slowest
+
+
+def _changed_lock(app):
+    """The same dependencies under another lock-file hash (a new virtualenv)."""
+    with open(app / "requirements.lock", "a") as lock:
+        lock.write("# deploy test: a changed lock file\n")
+
+
+@pytest.fixture(scope="module")
+def releases():
+    """Release ids seen by the tests, by name."""
+    return {}
+
+
+def test_rollback_without_a_previous_release_refuses(host, edge, releases):
+    releases["converged"] = live_release(edge)
+    result = run_playbook("playbooks/rollback.yml")
+    assert result.returncode != 0
+    assert "Nothing to roll back to" in result.stdout, result.stdout[-3000:]
+    assert live_release(edge) == releases["converged"]
+    assert not host.file(f"{ROOT}/deploy.lock").exists, "the refused rollback kept the lock"
+
+
+def test_deploy_with_new_dependencies_under_load(host, edge, releases, tmp_path):
+    # A changed lock file: a new virtualenv, so Gunicorn is restarted, not reloaded.
+    source = app_copy(tmp_path, "new-deps", _changed_lock)
+    room = f"deploy-{uuid.uuid4().hex[:8]}"
+    with Traffic(edge, room, sockets=50) as counts:
+        result = run_playbook("playbooks/deploy.yml", "-e", f"chat_app_source_dir={source}")
+    assert result.returncode == 0, result.stdout[-5000:]
+    releases["new_deps"] = live_release(edge)
+    assert releases["new_deps"] != releases["converged"]
+    assert venv_of(host, releases["new_deps"]) != venv_of(host, releases["converged"])
+    assert counts.releases_seen[-1] == releases["new_deps"]
+    assert_no_failed_request(counts)
+    slowest = assert_gentle_reconnects(counts)
+    # Every socket was on an instance that restarted.
+    assert len(counts.reconnects) >= 50
+    report(f"deploy with a dependency change: {result.seconds:.0f} s, {counts.http_ok} requests, "
+           f"{len(counts.http_failed)} failed, {len(counts.reconnects)} reconnects "
+           f"(code 1012), slowest {slowest:.2f} s")
+
+
+def test_code_only_deploy_reuses_the_virtualenv_and_reloads_gunicorn(host, edge, releases, tmp_path):
+    # The lock file of the previous test: its virtualenv serves this release too.
+    source = app_copy(tmp_path, "code-only", _changed_lock)
+    master = host.check_output("systemctl show --property=MainPID --value chat-gunicorn.service")
+    room = f"deploy-{uuid.uuid4().hex[:8]}"
+    with Traffic(edge, room, sockets=50) as counts:
+        # The same deploy, reached through site.yml's tag.
+        result = run_playbook("site.yml", "--tags", "app", "-e", f"chat_app_source_dir={source}")
+    assert result.returncode == 0, result.stdout[-5000:]
+    releases["code_only"] = live_release(edge)
+    assert releases["code_only"] != releases["new_deps"]
+    assert venv_of(host, releases["code_only"]) == venv_of(host, releases["new_deps"])
+    assert "Install the locked dependencies" not in _changed_tasks(result.stdout)
+    # A graceful reload (HUP) keeps the master; a restart would not.
+    assert host.check_output("systemctl show --property=MainPID --value chat-gunicorn.service") == master
+    assert_no_failed_request(counts)
+    slowest = assert_gentle_reconnects(counts)
+    report(f"deploy without a dependency change: {result.seconds:.0f} s, {counts.http_ok} requests, "
+           f"{len(counts.http_failed)} failed, {len(counts.reconnects)} reconnects "
+           f"(code 1012), slowest {slowest:.2f} s")
+
+
+def _changed_tasks(output):
+    """Names of the tasks that reported `changed` in an ansible-playbook output."""
+    changed, task = [], None
+    for line in output.splitlines():
+        if "TASK [" in line:
+            task = line.split("TASK [", 1)[1].rsplit("]", 1)[0]
+        elif line.lstrip().startswith("changed:") and task:
+            changed.append(task)
+    return "\n".join(changed)
+
+
+def test_rollback_restores_the_release_live_before(host, edge, releases):
+    with Traffic(edge, f"rollback-{uuid.uuid4().hex[:8]}", sockets=10) as counts:
+        result = run_playbook("playbooks/rollback.yml")
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert live_release(edge) == releases["new_deps"]
+    assert_no_failed_request(counts)
+    assert_gentle_reconnects(counts)
+    log = host.file(f"{ROOT}/deploy.log").content_string.splitlines()
+    assert f"from={releases['code_only']} to={releases['new_deps']}" in log[-1]
+    assert " rollback " in log[-1]
+    # The release rolled back from is now the previous one: kept, not pruned.
+    assert host.file(f"{ROOT}/previous").linked_to == f"{ROOT}/releases/{releases['code_only']}"
+
+
+def test_a_release_that_cannot_start_never_goes_live(host, edge, releases, tmp_path):
+    def break_servers(app):
+        # manage.py (migrate, collectstatic) still works; the servers cannot start.
+        for module in ("wsgi.py", "asgi.py"):
+            with open(app / "chatservice" / module, "a") as code:
+                code.write("\nraise RuntimeError('fixture: this release cannot start')\n")
+
+    source = app_copy(tmp_path, "broken", break_servers)
+    with Traffic(edge, f"broken-{uuid.uuid4().hex[:8]}", sockets=10) as counts:
+        result = run_playbook("playbooks/deploy.yml", "-e", f"chat_app_source_dir={source}")
+    assert result.returncode != 0
+    assert "canary gunicorn" in result.stdout, result.stdout[-5000:]
+    assert "fixture: this release cannot start" in result.stdout
+    assert live_release(edge) == releases["new_deps"]
+    assert_no_failed_request(counts)
+    assert counts.reconnects == [], "a live server was restarted for a release that cannot start"
+    assert not host.file(f"{ROOT}/deploy.lock").exists
+
+
+def test_a_release_that_fails_only_when_live_is_switched_back(host, edge, releases, tmp_path):
+    def break_daphne_under_systemd(app):
+        # It passes the canary (not a systemd unit), then cannot start as one:
+        # what this exercises is the gate's way back.
+        with open(app / "chatservice" / "asgi.py", "a") as code:
+            code.write("\nimport os\nif os.environ.get('INVOCATION_ID'):\n"
+                       "    raise RuntimeError('fixture: fails under systemd only')\n")
+
+    source = app_copy(tmp_path, "fails-when-live", break_daphne_under_systemd)
+    sockets_before = _socket_start_times(host)
+    with Traffic(edge, f"switch-back-{uuid.uuid4().hex[:8]}", sockets=0) as counts:
+        result = run_playbook("playbooks/deploy.yml", "-e", f"chat_app_source_dir={source}")
+    assert result.returncode != 0
+    assert "Health gate failed on chat-test" in result.stdout, result.stdout[-5000:]
+    assert "Restart instance 1" in result.stdout
+    assert "fixture: fails under systemd only" in result.stdout, "the journal is not quoted"
+    assert f"Release {releases['new_deps']} is live again." in result.stdout
+    assert live_release(edge) == releases["new_deps"]
+    edge.wait_healthy()
+    for _ in range(6):
+        with edge.websocket("/ws/health/") as ws:
+            assert edge.receive(ws)["release"] == releases["new_deps"]
+    # Pages were served by Gunicorn throughout, on whichever release.
+    assert_no_failed_request(counts)
+    assert not host.file(f"{ROOT}/deploy.lock").exists
+    # systemd kept every socket open through all the restarts.
+    assert _socket_start_times(host) == sockets_before
+
+
+def _socket_start_times(host):
+    out = host.check_output(
+        "systemctl show --property=Id,ActiveEnterTimestampMonotonic 'chat-*.socket'")
+    return out
+
+
+def test_the_sockets_listen_with_the_backlog_their_units_ask_for(host):
+    for line in host.check_output("ss -Hlx").splitlines():
+        if "/run/chat/" in line:
+            # Netid State Recv-Q Send-Q Local...: Send-Q is a listener's backlog.
+            assert line.split()[3] == "2048", line
+
+
+def test_a_second_deploy_is_refused_while_one_runs(host, edge, releases, tmp_path):
+    source = app_copy(tmp_path, "locked")
+    first = subprocess.Popen(
+        playbook_command("playbooks/deploy.yml", "-e", f"chat_app_source_dir={source}"),
+        cwd=REPO, env=playbook_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not host.file(f"{ROOT}/deploy.lock").exists:
+            assert first.poll() is None, first.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the first deploy never took the lock"
+            time.sleep(0.2)
+        second = run_playbook("playbooks/deploy.yml")
+        output, _ = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert second.returncode != 0
+    assert "Another deploy or rollback is running" in second.stdout, second.stdout[-3000:]
+    assert "held by: " in second.stdout
+    assert first.returncode == 0, output[-5000:]
+    assert live_release(edge) not in (releases["new_deps"], releases["code_only"])
+    assert not host.file(f"{ROOT}/deploy.lock").exists
+

@@ -36,9 +36,10 @@ def assert_gentle_reconnects(counts):
     assert counts.ws_failed_handshakes == [], counts.ws_failed_handshakes[:5]
     codes = {code for code, _ in counts.reconnects}
     assert codes <= {CLOSE_SERVICE_RESTART}, f"close codes seen: {codes}"
-    slowest = max((seconds for _, seconds in counts.reconnects), default=0)
+    times = sorted(seconds for _, seconds in counts.reconnects)
+    slowest = times[-1] if times else 0
     assert slowest < 2, f"a WebSocket took {slowest:.2f} s to reconnect"
-    return slowest
+    return f"median {times[len(times) // 2]:.2f} s, slowest {slowest:.2f} s" if times else "none"
 
 
 def _changed_lock(app):
@@ -74,12 +75,12 @@ def test_deploy_with_new_dependencies_under_load(host, edge, releases, tmp_path)
     assert venv_of(host, releases["new_deps"]) != venv_of(host, releases["converged"])
     assert counts.releases_seen[-1] == releases["new_deps"]
     assert_no_failed_request(counts)
-    slowest = assert_gentle_reconnects(counts)
+    reconnect_times = assert_gentle_reconnects(counts)
     # Every socket was on an instance that restarted.
     assert len(counts.reconnects) >= 50
     report(f"deploy with a dependency change: {result.seconds:.0f} s, {counts.http_ok} requests, "
            f"{len(counts.http_failed)} failed, {len(counts.reconnects)} reconnects "
-           f"(code 1012), slowest {slowest:.2f} s")
+           f"(code 1012), {reconnect_times}")
 
 
 def test_code_only_deploy_reuses_the_virtualenv_and_reloads_gunicorn(host, edge, releases, tmp_path):
@@ -98,10 +99,10 @@ def test_code_only_deploy_reuses_the_virtualenv_and_reloads_gunicorn(host, edge,
     # A graceful reload (HUP) keeps the master; a restart would not.
     assert host.check_output("systemctl show --property=MainPID --value chat-gunicorn.service") == master
     assert_no_failed_request(counts)
-    slowest = assert_gentle_reconnects(counts)
+    reconnect_times = assert_gentle_reconnects(counts)
     report(f"deploy without a dependency change: {result.seconds:.0f} s, {counts.http_ok} requests, "
            f"{len(counts.http_failed)} failed, {len(counts.reconnects)} reconnects "
-           f"(code 1012), slowest {slowest:.2f} s")
+           f"(code 1012), {reconnect_times}")
 
 
 def _changed_tasks(output):

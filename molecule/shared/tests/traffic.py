@@ -12,8 +12,6 @@ import json
 import random
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 
 from websockets.asyncio.client import connect
@@ -48,14 +46,15 @@ class Traffic:
         deadline = time.monotonic() + self.max_seconds
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(self.edge.base + self.path, timeout=10) as response:
-                    body = json.loads(response.read())
+                status, body = self.edge.get(self.path, timeout=10)
+                if status != 200:
+                    raise ValueError(f"HTTP {status}: {body[:100]}")
+                release = json.loads(body).get("release")
                 with self._lock:
                     self.counts.http_ok += 1
-                    release = body.get("release")
                     if not self.counts.releases_seen or self.counts.releases_seen[-1] != release:
                         self.counts.releases_seen.append(release)
-            except (urllib.error.URLError, OSError, ValueError) as error:
+            except (OSError, ValueError) as error:
                 with self._lock:
                     self.counts.http_failed.append(repr(error)[:200])
             time.sleep(self.http_interval)

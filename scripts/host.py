@@ -5,6 +5,7 @@ The container options come from the platform of Molecule's default scenario,
 so the demo host and the tested host are made the same way:
 
     host.py up NAME PORT     start NAME with its port 80 on 127.0.0.1:PORT
+        [--publish PORT:HOSTPORT ...]   and more of its ports on 127.0.0.1
     host.py down NAME        remove NAME
 """
 
@@ -44,7 +45,7 @@ def wait_for_systemd(container, timeout=60):
     sys.exit(f"systemd in {container.name} did not finish booting in {timeout} s (state: {state})")
 
 
-def up(client, name, port):
+def up(client, name, port, publish=()):
     try:
         container = client.containers.get(name)
     except docker.errors.NotFound:
@@ -62,7 +63,8 @@ def up(client, name, port):
             volumes=p["volumes"],
             tmpfs={path: "" for path in p["tmpfs"]},
             sysctls=p.get("sysctls", {}),
-            ports={"80/tcp": ("127.0.0.1", int(port))},
+            ports={"80/tcp": ("127.0.0.1", int(port)),
+                   **{f"{inner}/tcp": ("127.0.0.1", int(outer)) for inner, outer in publish}},
             # A reboot of the machine brings the demo back.
             restart_policy={"Name": "unless-stopped"},
         )
@@ -85,12 +87,14 @@ def main():
     p_up = sub.add_parser("up")
     p_up.add_argument("name")
     p_up.add_argument("port", type=int)
+    p_up.add_argument("--publish", action="append", default=[], metavar="PORT:HOSTPORT",
+                      type=lambda value: tuple(value.split(":", 1)))
     p_down = sub.add_parser("down")
     p_down.add_argument("name")
     args = parser.parse_args()
     client = docker.from_env()
     if args.action == "up":
-        up(client, args.name, args.port)
+        up(client, args.name, args.port, args.publish)
     else:
         down(client, args.name)
 

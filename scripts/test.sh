@@ -59,12 +59,18 @@ app_tests() {
   fi
 }
 
-# Every scenario on hosts of one Debian release (bookworm or trixie).
+# Every scenario on hosts of one Debian release (bookworm or trixie). A
+# scenario with a `suites` file runs only on the releases it lists.
 molecule_tests() {
   local suite="$1" scenario rc=0
   ensure_host_image "$suite"
   for scenario in "$REPO_ROOT"/molecule/*/molecule.yml; do
     scenario="$(basename "$(dirname "$scenario")")"
+    if [ -f "$REPO_ROOT/molecule/$scenario/suites" ] \
+        && ! grep -qx "$suite" "$REPO_ROOT/molecule/$scenario/suites"; then
+      log "SKIPPED: molecule scenario $scenario on Debian $suite (molecule/$scenario/suites)"
+      continue
+    fi
     log "molecule test --scenario-name $scenario on Debian $suite"
     (cd "$REPO_ROOT" && CHAT_HOST_SUITE="$suite" molecule test --scenario-name "$scenario") || rc=1
   done

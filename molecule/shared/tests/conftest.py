@@ -116,13 +116,13 @@ def playbook_command(playbook, *args):
     return ["ansible-playbook", os.path.join(REPO, playbook), "-i", INVENTORY, *args]
 
 
-def playbook_env():
+def playbook_env(**extra):
     """Output the tests can search: no colours, results as JSON (not wrapped YAML)."""
     return {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0",
-            "ANSIBLE_CALLBACK_RESULT_FORMAT": "json"}
+            "ANSIBLE_CALLBACK_RESULT_FORMAT": "json", **extra}
 
 
-def run_playbook(playbook, *args, timeout=900):
+def run_playbook(playbook, *args, timeout=900, env=None):
     """ansible-playbook against the scenario's hosts, as Molecule's converge runs it.
 
     playbook is relative to the repository (site.yml, playbooks/deploy.yml).
@@ -130,7 +130,7 @@ def run_playbook(playbook, *args, timeout=900):
     """
     started = time.monotonic()
     # Ansible writes failures to stderr: one stream keeps them in order.
-    result = subprocess.run(playbook_command(playbook, *args), cwd=REPO, env=playbook_env(),
+    result = subprocess.run(playbook_command(playbook, *args), cwd=REPO, env=playbook_env(**(env or {})),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             timeout=timeout)
     result.seconds = time.monotonic() - started

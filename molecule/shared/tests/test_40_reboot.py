@@ -1,5 +1,7 @@
 """After a reboot every service comes back by itself."""
 
+import time
+
 import docker
 import pytest
 
@@ -13,9 +15,23 @@ def rebooted(host, edge):
     pid1_start_before = host.check_output("ps -o lstart= -p 1")
     # The container stops systemd with SIGRTMIN+3, its clean shutdown.
     container.restart(timeout=60)
+    _wait_until_reachable(host)
     host.run("systemctl is-system-running --wait")
     edge.wait_healthy(timeout=90)
     return boot_before, pid1_start_before
+
+
+def _wait_until_reachable(host, timeout=90):
+    """Over SSH the host answers only once sshd is back: retry until then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            host.run("true")
+            return
+        except RuntimeError:  # unreachable: testinfra's Ansible backend raises
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def test_host_really_restarted(host, rebooted):

@@ -162,7 +162,8 @@ def test_a_release_that_fails_only_when_live_is_switched_back(host, edge, releas
     with Traffic(edge, f"switch-back-{uuid.uuid4().hex[:8]}", sockets=0) as counts:
         result = run_playbook("playbooks/deploy.yml", "-e", f"chat_app_source_dir={source}")
     assert result.returncode != 0
-    assert "Health gate failed on chat-test" in result.stdout, result.stdout[-5000:]
+    name = host.backend.get_hostname()
+    assert f"Health gate failed on {name}" in result.stdout, result.stdout[-5000:]
     assert "Restart instance 1" in result.stdout
     assert "fixture: fails under systemd only" in result.stdout, "the journal is not quoted"
     assert f"Release {releases['new_deps']} is live again." in result.stdout

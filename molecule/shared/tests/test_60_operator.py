@@ -1,0 +1,66 @@
+"""The operator's path: over SSH as a user with sudo, secrets from an encrypted vault.
+
+Only the ssh scenario reaches its host that way; elsewhere these are skipped.
+"""
+
+import os
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import playbook_env, run_playbook
+
+SCENARIO = os.environ.get("MOLECULE_SCENARIO_DIRECTORY", "")
+VAULT = os.path.join(SCENARIO, "group_vars", "all", "vault.yml")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def over_ssh(host):
+    if host.ansible.get_variables().get("ansible_user") != "deploy":
+        pytest.skip("SKIPPED: only the ssh scenario reaches its host as the deploy user")
+
+
+@pytest.fixture(scope="module")
+def secrets():
+    """The vault's values, decrypted with the scenario's password file."""
+    # The password file is the scenario's vault_password_file setting.
+    out = subprocess.run(["ansible-vault", "view", VAULT], capture_output=True, text=True,
+                         check=True, env=playbook_env()).stdout
+    values = [str(value) for value in yaml.safe_load(out).values()]
+    assert values and all(len(value) >= 32 for value in values)
+    return values
+
+
+def test_commands_run_as_deploy_through_sudo(host):
+    assert host.check_output("echo $SUDO_USER") == "deploy"
+    assert host.check_output("id -un") == "root"
+
+
+@pytest.mark.parametrize("path", ["/srv/chat/shared/chat.env", "/etc/redis/redis.conf"])
+def test_files_with_secrets_are_closed_to_the_deploy_user_without_sudo(host, path):
+    assert host.file(path).exists
+    result = host.run(f"runuser -u deploy -- cat {path}")
+    assert result.rc != 0 and "Permission denied" in result.stderr
+
+
+def test_a_rerun_over_ssh_changes_nothing_and_prints_no_secret(secrets):
+    result = run_playbook("site.yml", "-v")
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert "changed=0" in result.stdout
+    for value in secrets:
+        assert value not in result.stdout, "a secret from the vault appears in the Ansible output"
+
+
+def test_a_wrong_vault_password_stops_before_any_host_is_touched(host, tmp_path):
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("not-the-password\n")
+    env_file = host.file("/srv/chat/shared/chat.env")
+    before = (env_file.mtime, host.file("/srv/chat/current").linked_to)
+    result = run_playbook("site.yml", env={"ANSIBLE_VAULT_PASSWORD_FILE": str(wrong)})
+    assert result.returncode != 0
+    assert "Decryption failed" in result.stdout, result.stdout[-3000:]
+    # No task reached the host.
+    name = host.backend.get_hostname()
+    assert f"[{name}]" not in result.stdout.replace(f"[{name} -> localhost]", "")
+    assert (env_file.mtime, host.file("/srv/chat/current").linked_to) == before

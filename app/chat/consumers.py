@@ -18,16 +18,6 @@ _dumps = fanout.dumps
 
 
 @database_sync_to_async
-def _store_message(room_name, nickname, body):
-    return store.post_message(room_name, nickname, body).as_frame()
-
-
-@database_sync_to_async
-def _recent_frames(room_name, limit):
-    return [m.as_frame() for m in store.recent_messages(room_name, limit)]
-
-
-@database_sync_to_async
 def _frames_since(room_name, since, limit):
     return [m.as_frame() for m in store.messages_since(room_name, since, limit)]
 
@@ -48,15 +38,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         self.bucket = TokenBucket(settings.CHAT_RATE_PER_SECOND, settings.CHAT_RATE_BURST)
         self.hub = fanout.get_hub()
-        # Join before reading history: a message posted in between then arrives
-        # twice (history and live) rather than not at all; clients drop the
-        # duplicate by seq. The subscriber stays paused until the history is sent.
+        # The hub hands back the room's recent history at the moment the socket
+        # joined (read once per process, not per handshake); the subscriber
+        # stays paused until that history is sent.
         subscriber = fanout.Subscriber(self._send_text)
-        await self.hub.join(self.room_name, subscriber)
+        history = await self.hub.join(self.room_name, subscriber)
         self.subscriber = subscriber
         await self.accept()
-        messages = await _recent_frames(self.room_name, settings.CHAT_HISTORY_ON_JOIN)
-        await self.send(text_data=_dumps({"type": "history", "messages": messages}))
+        await self.send(text_data=history)
         subscriber.start()
 
     async def disconnect(self, code):
@@ -65,7 +54,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.subscriber = None
 
     async def _send_text(self, text):
-        await self.send(text_data=text)
+        # The ASGI send itself: the same message self.send() builds, without
+        # its wrappers, as this runs once per socket per frame.
+        await self.base_send({"type": "websocket.send", "text": text})
 
     async def receive(self, text_data=None, bytes_data=None):
         try:
@@ -83,8 +74,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         body = clean_body(frame.get("body"), settings.CHAT_MAX_BODY_LENGTH)
         # Stored before it is broadcast, so everything a client sees live can
         # also be fetched again by seq.
-        message = await _store_message(self.room_name, nickname, body)
-        await fanout.publish(self.room_name, message)
+        await self.hub.post(self.room_name, nickname, body)
 
     async def handle_history(self, frame):
         since = clean_since(frame.get("since"))

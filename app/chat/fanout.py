@@ -26,16 +26,17 @@ What the hub guarantees to each socket:
 """
 
 import asyncio
+import collections
 import json
 import logging
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
+from django.conf import settings
 
 from chatservice.env import env_float, env_int
 
 from . import store
-from .models import Room
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ SOCKET_BACKLOG = env_int("CHAT_SOCKET_BACKLOG", 1000, minimum=1)
 RETRY_PAUSE = 1.0
 # Matches CHAT_HISTORY_PAGE: one database read fills up to this many missing.
 FILL_PAGE = 200
+# Most posts stored in one transaction.
+POST_BATCH = 500
 
 EVENT_TYPE = "chat.message"
 
@@ -68,9 +71,18 @@ def group_name(room_name):
     return f"chat.{room_name}"
 
 
+def history_text(texts):
+    return '{"type": "history", "messages": [' + ", ".join(texts) + "]}"
+
+
 @database_sync_to_async
-def _last_seq(room_name):
-    return Room.objects.filter(name=room_name).values_list("last_seq", flat=True).first() or 0
+def _recent_frames(room_name, limit):
+    return [m.as_frame() for m in store.recent_messages(room_name, limit)]
+
+
+@database_sync_to_async
+def _store_posts(posts):
+    return [m.as_frame() for m in store.post_messages(posts)]
 
 
 @database_sync_to_async
@@ -79,11 +91,13 @@ def _frames_since(room_name, since, limit):
 
 
 class Subscriber:
-    """One socket's view of its room: a bounded queue drained by its own task.
+    """One socket's view of its room: what is still to be sent to it, bounded.
 
-    `send` is the consumer's coroutine function taking a text frame. Each
-    socket drains in its own task so that a socket whose send blocks (a slow
-    reader behind a server with back-pressure) holds up only itself.
+    `send` is a coroutine function taking a text frame. The room's sender task
+    hands a fresh frame to every idle socket in one pass (no task per socket
+    per frame: with Daphne a send completes without waiting); a socket that is
+    still sending, or paused, queues, and drains in a task of its own so that
+    it holds up only itself.
     """
 
     def __init__(self, send, backlog=None):
@@ -95,9 +109,15 @@ class Subscriber:
         # (since, until) of messages dropped from this socket's queue.
         self.behind = None
         self.paused = True
+        # A send to this socket is under way (the room's pass or its own task).
+        self.busy = False
         self.task = None
 
     def offer(self, frame, items):
+        """Takes a flush; True means: idle, the caller sends `frame` with send_now()."""
+        if not (self.paused or self.busy or self.queue or self.behind):
+            self.busy = True
+            return True
         if self.queued + len(items) > self.backlog:
             # Never drop silently: the socket learns exactly which seqs it lost.
             dropped = [seq for _, flush in self.queue for seq, _ in flush] + [seq for seq, _ in items]
@@ -110,6 +130,18 @@ class Subscriber:
             self.queue.append((frame, items))
             self.queued += len(items)
         self._wake()
+        return False
+
+    async def send_now(self, frame):
+        try:
+            if not self.paused:
+                await self.send(frame)
+        except Exception:
+            # A socket that cannot be written to is closing; its consumer cleans up.
+            log.debug("send to a subscriber failed", exc_info=True)
+        finally:
+            self.busy = False
+            self._wake()
 
     def start(self):
         """Begin sending; until then messages only queue (the join history goes first)."""
@@ -123,7 +155,8 @@ class Subscriber:
             self.task = None
 
     def _wake(self):
-        if not self.paused and self.task is None and (self.queue or self.behind):
+        if not (self.paused or self.busy) and (self.queue or self.behind):
+            self.busy = True
             self.task = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self):
@@ -136,7 +169,7 @@ class Subscriber:
                     continue
                 queue, self.queue, self.queued = self.queue, [], 0
                 if len(queue) == 1:
-                    # The common case: the room's frame, shared by every socket.
+                    # The room's frame, shared by every socket.
                     text = queue[0][0]
                 else:
                     text = batch_text([message for _, flush in queue for _, message in flush])
@@ -144,9 +177,9 @@ class Subscriber:
         except asyncio.CancelledError:
             raise
         except Exception:
-            # A socket that cannot be written to is closing; its consumer cleans up.
             log.debug("send to a subscriber failed", exc_info=True)
         finally:
+            self.busy = False
             self.task = None
 
 
@@ -165,6 +198,15 @@ class _Room:
         # Message texts waiting for the batch window to close.
         self.pending = []
         self.flush_timer = None
+        # The newest messages handed out, as texts: the history a joining
+        # socket gets, without a database read per handshake.
+        self.recent = collections.deque(maxlen=settings.CHAT_HISTORY_ON_JOIN)
+        self._history = None
+
+    def history(self):
+        if self._history is None:
+            self._history = history_text(self.recent)
+        return self._history
 
 
 class Hub:
@@ -179,11 +221,19 @@ class Hub:
         # Serializes group_add/group_discard so a room closed and reopened at
         # once never ends up discarded after its new add.
         self.membership = asyncio.Lock()
+        # Posts waiting for the database: (room, nickname, body, future).
+        self.posts = []
+        self.poster = None
 
     # Membership -----------------------------------------------------------
 
     async def join(self, room_name, subscriber):
-        """Adds a paused subscriber; returns once the room receives messages."""
+        """Adds a paused subscriber; once the room receives messages, returns its history frame.
+
+        Everything handed out after the subscriber was added is queued for it;
+        everything before is in the history (up to its length), so a joining
+        socket misses nothing and may see a message twice (clients drop it by seq).
+        """
         room = self.rooms.get(room_name)
         if room is None:
             room = self.rooms[room_name] = _Room(room_name)
@@ -195,6 +245,7 @@ class Hub:
         except BaseException:
             self.leave(room_name, subscriber)
             raise
+        return room.history()
 
     def leave(self, room_name, subscriber):
         subscriber.stop()
@@ -217,9 +268,10 @@ class Hub:
         async with self.membership:
             await self.layer.group_add(room.group, self.channel)
         # Read after joining the group: every later message reaches the hub,
-        # every earlier one is in the history the consumer reads next.
-        last = await _last_seq(room.name)
-        room.expected = last + 1
+        # every earlier one is in this history.
+        recent = await _recent_frames(room.name, room.recent.maxlen)
+        room.recent.extend(dumps(message) for message in recent)
+        room.expected = recent[-1]["seq"] + 1 if recent else 1
         for seq in [seq for seq in room.held if seq < room.expected]:
             del room.held[seq]
         self._release(room)
@@ -272,8 +324,10 @@ class Hub:
     def _release(self, room):
         """Hands out the messages that follow without a hole; watches a remaining hole."""
         while room.expected in room.held:
-            message = room.held.pop(room.expected)
-            room.pending.append((room.expected, dumps(message)))
+            text = dumps(room.held.pop(room.expected))
+            room.pending.append((room.expected, text))
+            room.recent.append(text)
+            room._history = None
             room.expected += 1
         if room.pending and room.flush_timer is None:
             room.flush_timer = self.loop.call_later(BATCH_WINDOW, self._flush, room)
@@ -308,14 +362,55 @@ class Hub:
         if room.held:
             self._release(room)
 
+    # Posting --------------------------------------------------------------
+
+    async def post(self, room_name, nickname, body):
+        """Stores a message and publishes it; returns it as a frame dict.
+
+        Posts that arrive while a write is running are stored together in the
+        next one (group commit): one thread hop, connection and transaction
+        for all of them instead of one each.
+        """
+        future = self.loop.create_future()
+        self.posts.append((room_name, nickname, body, future))
+        if self.poster is None or self.poster.done():
+            self.poster = self.loop.create_task(self._write_posts())
+        return await future
+
+    async def _write_posts(self):
+        while self.posts:
+            batch, self.posts = self.posts[:POST_BATCH], self.posts[POST_BATCH:]
+            try:
+                stored = await _store_posts([(room, nick, body) for room, nick, body, _ in batch])
+            except Exception as error:
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for message, (room_name, *_, future) in zip(stored, batch):
+                try:
+                    await publish(room_name, message)
+                except Exception as error:
+                    if not future.done():
+                        future.set_exception(error)
+                    continue
+                if not future.done():
+                    future.set_result(message)
+
     def _flush(self, room):
         room.flush_timer = None
         pending, room.pending = room.pending, []
         if not pending:
             return
         frame = pending[0][1] if len(pending) == 1 else batch_text([text for _, text in pending])
-        for subscriber in room.subscribers:
-            subscriber.offer(frame, pending)
+        idle = [subscriber for subscriber in room.subscribers if subscriber.offer(frame, pending)]
+        if idle:
+            self.loop.create_task(self._send_to(idle, frame))
+
+    @staticmethod
+    async def _send_to(subscribers, frame):
+        for subscriber in subscribers:
+            await subscriber.send_now(frame)
 
 
 _hubs = {}

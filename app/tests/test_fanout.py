@@ -131,6 +131,12 @@ async def test_the_hub_encodes_once_and_hands_every_socket_the_same_text(room, c
     assert hub.rooms == {}
 
 
+def offer(subscriber, frame, items):
+    """What the hub's flush does with one socket."""
+    if subscriber.offer(frame, items):
+        asyncio.get_running_loop().create_task(subscriber.send_now(frame))
+
+
 def _items(*seqs):
     return [(seq, fanout.dumps({"type": "message", "seq": seq})) for seq in seqs]
 
@@ -145,12 +151,12 @@ async def test_a_socket_beyond_its_backlog_is_told_it_is_behind():
 
     subscriber = fanout.Subscriber(slow_send, backlog=3)
     subscriber.start()
-    subscriber.offer(_items(1)[0][1], _items(1))
+    offer(subscriber, _items(1)[0][1], _items(1))
     await asyncio.sleep(0)  # seq 1 is being sent; the send hangs
     for seq in range(2, 5):  # fills the backlog of 3
-        subscriber.offer(_items(seq)[0][1], _items(seq))
-    subscriber.offer(fanout.batch_text([t for _, t in _items(5, 6)]), _items(5, 6))  # overflow
-    subscriber.offer(_items(7)[0][1], _items(7))
+        offer(subscriber, _items(seq)[0][1], _items(seq))
+    offer(subscriber, fanout.batch_text([t for _, t in _items(5, 6)]), _items(5, 6))  # overflow
+    offer(subscriber, _items(7)[0][1], _items(7))
     gate.set()
     for _ in range(10):
         await asyncio.sleep(0.01)
@@ -171,10 +177,10 @@ async def test_queued_flushes_of_a_slow_socket_merge_into_one_batch():
 
     subscriber = fanout.Subscriber(slow_send, backlog=10)
     subscriber.start()
-    subscriber.offer(_items(1)[0][1], _items(1))
+    offer(subscriber, _items(1)[0][1], _items(1))
     await asyncio.sleep(0)
-    subscriber.offer(_items(2)[0][1], _items(2))
-    subscriber.offer(fanout.batch_text([t for _, t in _items(3, 4)]), _items(3, 4))
+    offer(subscriber, _items(2)[0][1], _items(2))
+    offer(subscriber, fanout.batch_text([t for _, t in _items(3, 4)]), _items(3, 4))
     gate.set()
     for _ in range(10):
         await asyncio.sleep(0.01)
@@ -189,7 +195,7 @@ async def test_a_paused_subscriber_queues_until_started():
         sent.append(json.loads(text))
 
     subscriber = fanout.Subscriber(send, backlog=10)
-    subscriber.offer(_items(1)[0][1], _items(1))
+    offer(subscriber, _items(1)[0][1], _items(1))
     await asyncio.sleep(0.01)
     assert sent == []
     subscriber.start()

@@ -261,11 +261,12 @@ class Hub:
             self.loop.create_task(self._close(room))
 
     async def _open(self, room):
-        if self.channel is None:
-            self.channel = await self.layer.new_channel()
-        if self.reader is None or self.reader.done():
-            self.reader = self.loop.create_task(self._read())
         async with self.membership:
+            if self.reader is None:
+                # A fresh channel each time: the pub/sub layer forgets a
+                # channel whose receive was cancelled (see _close).
+                self.channel = await self.layer.new_channel()
+                self.reader = self.loop.create_task(self._read())
             await self.layer.group_add(room.group, self.channel)
         # Read after joining the group: every later message reaches the hub,
         # every earlier one is in this history.
@@ -286,11 +287,13 @@ class Hub:
                 if room.name in self.rooms:
                     return  # reopened meanwhile: the group membership is still needed
                 await self.layer.group_discard(room.group, self.channel)
+                if not self.rooms and self.reader is not None:
+                    # No room left (a room being opened is in self.rooms
+                    # already): stop reading; the next room starts afresh.
+                    self.reader.cancel()
+                    self.reader = None
         except Exception:
             log.warning("leaving group %s failed", room.group, exc_info=True)
-        if not self.rooms and self.reader is not None:
-            self.reader.cancel()
-            self.reader = None
 
     # Receiving ------------------------------------------------------------
 

@@ -8,6 +8,8 @@ from channels.db import database_sync_to_async
 
 from chat import fanout, store
 
+from .test_consumers import send_message
+
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
@@ -201,3 +203,17 @@ async def test_a_paused_subscriber_queues_until_started():
     subscriber.start()
     await asyncio.sleep(0.01)
     assert sent == [{"type": "message", "seq": 1}]
+
+
+async def test_a_room_emptied_and_joined_again_still_gets_messages(connect, room, layer_kind):
+    # The pub/sub layer forgets a channel whose receive was cancelled: a hub
+    # that stopped reading must not reuse it (this failed handshakes with 500).
+    first = await connect(f"/ws/chat/{room}/")
+    await first.receive_json_from(timeout=5)
+    await first.disconnect(timeout=5)
+    await asyncio.sleep(0.2)  # the hub leaves the group and stops reading
+    assert fanout.get_hub().reader is None
+    client = await connect(f"/ws/chat/{room}/")
+    await client.receive_json_from(timeout=5)
+    await send_message(client, "back again")
+    assert (await client.receive_json_from(timeout=5))["body"] == "back again"

@@ -8,7 +8,8 @@
 #   scripts/bench.sh down            remove the benchmark host
 # Environment: CHAT_BENCH_QUICK=1 shortens every scenario (a smoke run);
 # CHAT_BENCH_PROFILE=NAME deploys with bench/profiles/NAME.yml as extra vars
-# (sizing to try before it goes into the roles);
+# and then runs bench/profiles/NAME.sh on the host if there is one (sizing to
+# try before it goes into the roles);
 # CHAT_BENCH_SERVER_CPUS / CHAT_BENCH_CLIENT_CPUS choose the CPU sets.
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -125,6 +126,10 @@ run() {
   ensure_toolchain
   ensure_host_image bookworm
   ensure_bench_venv
+  # A fresh host every run: nothing a previous run (or profile) left behind
+  # is measured.
+  "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" down "$BENCH_HOST"
+  rm -f "$REPO_ROOT/.cache/facts/"*"_$BENCH_HOST"
   CHAT_HOST_SUITE=bookworm "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" up "$BENCH_HOST" "$BENCH_PORT"
   # Deploy with every CPU; measure with the server side on its own set.
   docker update --cpuset-cpus "0-$(($(nproc) - 1))" "$BENCH_HOST" >/dev/null
@@ -136,6 +141,11 @@ run() {
   printf 'deploy\t%s\n' "${deploy[*]}" >>"$RESULTS/commands.txt"
   (cd "$REPO_ROOT" && "${deploy[@]}") >"$RESULTS/deploy.log"
   add_ceiling_server
+  if [ -n "${CHAT_BENCH_PROFILE:-}" ] && [ -f "$REPO_ROOT/bench/profiles/$CHAT_BENCH_PROFILE.sh" ]; then
+    log "applying bench/profiles/$CHAT_BENCH_PROFILE.sh on the host"
+    printf 'profile\tdocker exec -i %s sh < bench/profiles/%s.sh\n' "$BENCH_HOST" "$CHAT_BENCH_PROFILE" >>"$RESULTS/commands.txt"
+    docker exec -i "$BENCH_HOST" sh <"$REPO_ROOT/bench/profiles/$CHAT_BENCH_PROFILE.sh" >>"$RESULTS/deploy.log"
+  fi
   docker update --cpuset-cpus "$SERVER_CPUS" "$BENCH_HOST" >/dev/null
 
   local ip pid gunicorn

@@ -203,8 +203,10 @@ def fanout(args):
         p.start()
     for _ in procs:
         ready.get(timeout=args.open_timeout * 10 + 120)
+    cpu_before = cpu_ns(args.cpu_cmd)
     go_at.value = time.time() + 1.0
     results = [out.get(timeout=args.duration + args.drain + 120) for _ in procs]
+    cpu_after = cpu_ns(args.cpu_cmd)
     for p in procs:
         p.join(timeout=30)
     connected = sum(r["connected"] for r in results)
@@ -212,6 +214,7 @@ def fanout(args):
     latencies = [x for r in results for x in r["latencies"]]
     expected = sent * connected
     in_time = sum(1 for x in latencies if x <= args.duration + args.drain)
+    measured = cpu_before is not None and cpu_after is not None
     errors = {}
     for r in results:
         for code, n in r["errors"].items():
@@ -240,6 +243,12 @@ def fanout(args):
         "duplicates": sum(r["duplicates"] for r in results),
         "out_of_order": sum(r["out_of_order"] for r in results),
         "errors": errors,
+        # The server's CPU time over sending and draining: unlike latency, it
+        # hardly depends on what else runs on the machine.
+        "server_cpu_s": round((cpu_after - cpu_before) / 1e9, 2) if measured else None,
+        "server_cpu_ms_per_1000_deliveries": (
+            round((cpu_after - cpu_before) / 1e6 / len(latencies) * 1000, 1)
+            if measured and latencies else None),
         # For the latency-against-load plot: the sorted latencies, thinned.
         "latency_sample": sorted(latencies)[:: max(1, len(latencies) // 2000)],
     }
@@ -302,6 +311,17 @@ def run_hold_process(args, count, ready, release, out, concurrency):
     result = {"nofile": raise_nofile()}
     result.update(asyncio.run(hold_worker(args, count, ready, release, concurrency)))
     out.put(result)
+
+
+def cpu_ns(command):
+    """Cumulative CPU nanoseconds of the server (its cgroup's cpuacct.usage)."""
+    if not command:
+        return None
+    output = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60).stdout
+    try:
+        return int(float(output.split()[0]))
+    except (IndexError, ValueError):
+        return None  # not measurable here; the report says so
 
 
 def rss_kib(command):
@@ -461,6 +481,7 @@ def main():
     f.add_argument("--rate", type=float, required=True, help="messages/s per sender")
     f.add_argument("--duration", type=float, default=20)
     f.add_argument("--drain", type=float, default=20)
+    f.add_argument("--cpu-cmd", default="", help="prints the server's CPU nanoseconds so far")
     f.add_argument("--connect-concurrency", type=int, default=10,
                    help="handshakes in flight per process")
 

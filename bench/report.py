@@ -38,6 +38,11 @@ def ms(seconds):
     return "–" if seconds is None else f"{seconds * 1000:,.0f} ms" if seconds >= 0.01 else f"{seconds * 1000:.2f} ms"
 
 
+def cpu_per_1000(r):
+    value = r.get("server_cpu_ms_per_1000_deliveries")
+    return "–" if value is None else f"{value} ms ({r['server_cpu_s']} s in all)"
+
+
 def figures(results):
     """The headline figures, name -> (value, unit); what compare divides."""
     out = {}
@@ -49,6 +54,7 @@ def figures(results):
             out[f"{name} p99 s"] = r["latency_s"]["p99"]
             out[f"{name} frames/s"] = r["frames_per_s"]
             out[f"{name} messages/s"] = r["messages_per_s"]
+            out[f"{name} server CPU ms per 1000 deliveries"] = r.get("server_cpu_ms_per_1000_deliveries")
     if "burst" in results:
         out["burst accepted"] = results["burst"]["accepted"]
     if "idle" in results:
@@ -73,8 +79,8 @@ def table(folder):
         lines += ["```", host.read_text().rstrip(), "```", ""]
 
     lines += ["## WebSocket fan-out (through Nginx, the app's protocol)", "",
-              "| room | demand | delivered | p50 | p95 | p99 | max | frames/s | messages/s | behind | out of order | load avg before → after |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| room | demand | delivered | p50 | p95 | p99 | max | frames/s | messages/s | behind | out of order | server CPU per 1,000 deliveries | load avg before → after |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("fanout-100", "fanout-1000"):
         r = results.get(name)
         if not r:
@@ -85,7 +91,8 @@ def table(folder):
             f"| {demand:,.0f} deliveries/s | {r['delivered_pct']} % "
             f"| {ms(r['latency_s']['p50'])} | {ms(r['latency_s']['p95'])} | {ms(r['latency_s']['p99'])} "
             f"| {ms(r['latency_max_s'])} | {r['frames_per_s']:,.0f} | {r['messages_per_s']:,.0f} "
-            f"| {r['behind_frames']} | {r['out_of_order']} | {r['loadavg_before']} → {r['loadavg_after']} |")
+            f"| {r['behind_frames']} | {r['out_of_order']} "
+            f"| {cpu_per_1000(r)} | {r['loadavg_before']} → {r['loadavg_after']} |")
     lines.append("")
 
     lines += ["## Handshakes and idle sockets", "",

@@ -75,7 +75,7 @@ describe_host() {
     echo "channel layer: $(in_host sh -c 'grep -h ^CHANNEL_LAYER= /srv/chat/shared/chat.env' || echo default)"
     echo "daphne instances: $(in_host sh -c 'systemctl list-units --plain --no-legend "chat-daphne@*.service" | wc -l')"
     echo "gunicorn processes (master + workers): $(in_host sh -c 'pgrep -c gunicorn' || true)"
-    echo "nginx workers: $(in_host sh -c 'pgrep -c -f "nginx: worker"' || true)"
+    echo "nginx workers: $(in_host pgrep -c -f '^nginx: worker' || true)"
     echo "listen backlog that applies (ss -lx, Send-Q):"
     in_host ss -lxn | awk 'NR == 1 || /chat/ {print "    " $0}'
     echo "descriptor limits: loadgen $(ulimit -Hn) per process; daphne $(in_host sh -c \
@@ -159,6 +159,16 @@ run() {
   HTTP_SECONDS=10
   if [ "$quick" = 1 ]; then send=5 drain=5 hold=5 idle=2000 burst=1000 HTTP_SECONDS=3; fi
   local lg=(--connect "$ip:80" --origin "http://localhost:$BENCH_PORT")
+  # The container's CPU time in ns (its cgroup, systemd's slices inside
+  # included): cgroup v1's cpuacct, or v2's cpu.stat.
+  local cpu group
+  group="$(awk -F: '$2 == "cpuacct" || $2 == "cpu,cpuacct" {print $3; exit}' "/proc/$pid/cgroup")"
+  if [ -n "$group" ]; then
+    cpu="cat /sys/fs/cgroup/cpuacct$group/cpuacct.usage"
+  else
+    group="$(awk -F: '$1 == "0" {print $3; exit}' "/proc/$pid/cgroup")"
+    cpu="awk '/^usage_usec/ {print \$2 * 1000}' /sys/fs/cgroup$group/cpu.stat"
+  fi
 
   # A room must have been posted to before its page exists in the lobby.
   scenario http-nginx-healthz "${lg[@]}" --procs 2 http --label "Nginx /healthz" --path /healthz --duration "$HTTP_SECONDS"
@@ -171,8 +181,8 @@ run() {
   wrk_scenario wrk-nginx-return200 "http://$ip:8081/"
   wrk_scenario wrk-nginx-healthz "http://$ip/healthz"
 
-  scenario fanout-100 "${lg[@]}" --procs 2 fanout --members 100 --senders 25 --rate 8 --duration "$send" --drain "$drain"
-  scenario fanout-1000 "${lg[@]}" --procs 4 fanout --members 1000 --senders 1 --rate 5 --duration "$send" --drain "$drain"
+  scenario fanout-100 "${lg[@]}" --procs 2 fanout --cpu-cmd "$cpu" --members 100 --senders 25 --rate 8 --duration "$send" --drain "$drain"
+  scenario fanout-1000 "${lg[@]}" --procs 4 fanout --cpu-cmd "$cpu" --members 1000 --senders 1 --rate 5 --duration "$send" --drain "$drain"
   scenario burst "${lg[@]}" --procs 4 burst --count "$burst" --hold 5
   # Memory per connection: the server's resident memory (Daphne and Nginx)
   # with every socket held, minus before; ps in the container.

@@ -91,7 +91,8 @@ scenario() {
   local name="$1"; shift
   local cmd=(taskset -c "$CLIENT_CPUS" "$BENCH_VENV/bin/python" "$REPO_ROOT/bench/loadgen.py" "$@")
   log "scenario $name"
-  printf '%s\t%s\n' "$name" "${cmd[*]}" >>"$RESULTS/commands.txt"
+  # %q: the line can be pasted back into a shell as it is.
+  { printf '%s\t' "$name"; printf '%q ' "${cmd[@]}"; printf '\n'; } >>"$RESULTS/commands.txt"
   local before
   before="$(loadavg)"
   if ! timeout 900 "${cmd[@]}" >"$RESULTS/$name.json.tmp"; then
@@ -113,7 +114,7 @@ wrk_scenario() {
   local name="$1" url="$2" cmd
   cmd=(taskset -c "$CLIENT_CPUS" wrk -t 1 -c 64 -d "${HTTP_SECONDS}s" --latency -H "Host: localhost" "$url")
   log "scenario $name (wrk)"
-  printf '%s\t%s\n' "$name" "${cmd[*]}" >>"$RESULTS/commands.txt"
+  { printf '%s\t' "$name"; printf '%q ' "${cmd[@]}"; printf '\n'; } >>"$RESULTS/commands.txt"
   "${cmd[@]}" >"$RESULTS/$name.wrk.txt" 2>&1 || log "wrk $name failed"
 }
 

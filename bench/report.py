@@ -29,7 +29,7 @@ def parse_wrk(text):
         result["req_per_s"] = float(rate.group(1))
     if p99:
         scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0}[p99.group(2)]
-        result["p99_s"] = float(p99.group(1)) * scale
+        result["p99_s"] = round(float(p99.group(1)) * scale, 6)
     result["non_2xx"] = int(non2xx.group(1)) if non2xx else 0
     return result
 

@@ -1,7 +1,7 @@
 # Entry points. Each target installs what it needs on a fresh Debian machine
 # (run as root): the toolchain in .venv, a container engine, the host image.
 
-.PHONY: demo demo-down test lint setup
+.PHONY: demo demo-down test lint setup bench bench-down
 
 ## demo: deploy the chat to a local Debian systemd host, on http://127.0.0.1:8080/
 demo:
@@ -22,3 +22,11 @@ lint:
 ## setup: the toolchain, the container engine and the host image, nothing else
 setup:
 	bash -c 'source scripts/lib.sh && require_root && ensure_toolchain && ensure_host_image'
+
+## bench: measure the deployed stack on a benchmark host (not part of test)
+bench:
+	scripts/bench.sh run
+
+## bench-down: remove the benchmark host
+bench-down:
+	scripts/bench.sh down

@@ -1,12 +1,10 @@
 """WebSocket consumers. The protocol is described in README.md."""
 
-import json
-
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from . import store
+from . import fanout, store
 from .models import is_valid_room_name
 from .protocol import ProtocolError, clean_body, clean_nickname, clean_since, parse_frame
 from .ratelimit import TokenBucket
@@ -16,18 +14,7 @@ from .ratelimit import TokenBucket
 CLOSE_NOT_FOUND = 4004
 
 
-def _dumps(frame):
-    return json.dumps(frame, ensure_ascii=False)
-
-
-@database_sync_to_async
-def _store_message(room_name, nickname, body):
-    return store.post_message(room_name, nickname, body).as_frame()
-
-
-@database_sync_to_async
-def _recent_frames(room_name, limit):
-    return [m.as_frame() for m in store.recent_messages(room_name, limit)]
+_dumps = fanout.dumps
 
 
 @database_sync_to_async
@@ -36,7 +23,12 @@ def _frames_since(room_name, since, limit):
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
-    group_name = None
+    # No channel of its own: room messages reach this socket through the
+    # process's hub (fanout.py), which saves a channel, a pending receive and,
+    # with the pub/sub layer, a Redis subscription per socket.
+    channel_layer_alias = None
+    room_name = None
+    subscriber = None
 
     async def connect(self):
         self.room_name = self.scope["url_route"]["kwargs"]["room"]
@@ -45,18 +37,26 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_NOT_FOUND)
             return
         self.bucket = TokenBucket(settings.CHAT_RATE_PER_SECOND, settings.CHAT_RATE_BURST)
-        # Join the group before reading history: a message posted in between then
-        # arrives twice (history and live) rather than not at all; clients drop
-        # the duplicate by seq.
-        self.group_name = f"chat.{self.room_name}"
-        await self.channel_layer.group_add(self.group_name, self.channel_name)
+        self.hub = fanout.get_hub()
+        # The hub hands back the room's recent history at the moment the socket
+        # joined (read once per process, not per handshake); the subscriber
+        # stays paused until that history is sent.
+        subscriber = fanout.Subscriber(self._send_text)
+        history = await self.hub.join(self.room_name, subscriber)
+        self.subscriber = subscriber
         await self.accept()
-        messages = await _recent_frames(self.room_name, settings.CHAT_HISTORY_ON_JOIN)
-        await self.send(text_data=_dumps({"type": "history", "messages": messages}))
+        await self.send(text_data=history)
+        subscriber.start()
 
     async def disconnect(self, code):
-        if self.group_name:
-            await self.channel_layer.group_discard(self.group_name, self.channel_name)
+        if self.subscriber is not None:
+            self.hub.leave(self.room_name, self.subscriber)
+            self.subscriber = None
+
+    async def _send_text(self, text):
+        # The ASGI send itself: the same message self.send() builds, without
+        # its wrappers, as this runs once per socket per frame.
+        await self.base_send({"type": "websocket.send", "text": text})
 
     async def receive(self, text_data=None, bytes_data=None):
         try:
@@ -74,10 +74,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         body = clean_body(frame.get("body"), settings.CHAT_MAX_BODY_LENGTH)
         # Stored before it is broadcast, so everything a client sees live can
         # also be fetched again by seq.
-        message = await _store_message(self.room_name, nickname, body)
-        await self.channel_layer.group_send(
-            self.group_name, {"type": "chat.message", "message": message}
-        )
+        await self.hub.post(self.room_name, nickname, body)
 
     async def handle_history(self, frame):
         since = clean_since(frame.get("since"))
@@ -86,9 +83,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def handle_ping(self, frame):
         await self.send(text_data=_dumps({"type": "pong"}))
-
-    async def chat_message(self, event):
-        await self.send(text_data=_dumps(event["message"]))
 
 
 class HealthConsumer(AsyncWebsocketConsumer):

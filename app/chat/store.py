@@ -23,6 +23,38 @@ def post_message(room_name, nickname, body):
         return Message.objects.create(room=room, seq=room.last_seq, nickname=nickname, body=body)
 
 
+def post_messages(posts):
+    """Store several (room_name, nickname, body) posts in one transaction; return them in order.
+
+    One transaction, one connection and one seq increment per room instead of
+    one of each per message: under ASGI every database call also opens a new
+    connection, so a busy room's posts queue behind each other otherwise.
+    Seqs are allocated as in post_message (UPDATE first), so single and
+    batched posters can run side by side.
+    """
+    by_room = {}
+    for index, (room_name, nickname, body) in enumerate(posts):
+        by_room.setdefault(room_name, []).append((index, nickname, body))
+    stored = [None] * len(posts)
+    now = timezone.now()
+    for room_name in by_room:
+        Room.objects.get_or_create(name=room_name)
+    with transaction.atomic():
+        for room_name, entries in by_room.items():
+            Room.objects.filter(name=room_name).update(
+                last_seq=F("last_seq") + len(entries), last_activity=now
+            )
+            room = Room.objects.get(name=room_name)
+            first = room.last_seq - len(entries) + 1
+            messages = Message.objects.bulk_create(
+                Message(room=room, seq=first + offset, nickname=nickname, body=body)
+                for offset, (_, nickname, body) in enumerate(entries)
+            )
+            for (index, _, _), message in zip(entries, messages):
+                stored[index] = message
+    return stored
+
+
 def recent_messages(room_name, limit):
     """The last `limit` messages of a room, oldest first."""
     newest = list(

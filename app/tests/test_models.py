@@ -104,3 +104,48 @@ def test_concurrent_posters_never_share_a_seq():
 )
 def test_room_name_rule(name, valid):
     assert is_valid_room_name(name) is valid
+
+
+@pytest.mark.django_db(transaction=True)
+def test_batched_posts_get_consecutive_seqs_in_order_per_room():
+    store.post_message("alpha", "a", "single first")
+    stored = store.post_messages(
+        [("alpha", "a", "one"), ("beta", "b", "two"), ("alpha", "c", "three")]
+    )
+    assert [(m.room.name, m.seq, m.body) for m in stored] == [
+        ("alpha", 2, "one"), ("beta", 1, "two"), ("alpha", 3, "three")
+    ]
+    assert all(m.id is not None and m.created is not None for m in stored)
+    assert stored[2].as_frame()["seq"] == 3
+    assert store.post_message("alpha", "a", "single after").seq == 4
+    assert [m.body for m in store.messages_since("alpha", 0, 10)] == [
+        "single first", "one", "three", "single after"
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_batched_and_single_posters_side_by_side_never_share_a_seq():
+    errors = []
+    start = threading.Barrier(4)
+
+    def post(number):
+        try:
+            start.wait()
+            for n in range(8):
+                if number % 2:
+                    store.post_messages([("mixed", "w", f"{number}-{n}-a"), ("mixed", "w", f"{number}-{n}-b")])
+                else:
+                    store.post_message("mixed", "w", f"{number}-{n}")
+        except Exception as error:  # reported to the test thread below
+            errors.append(error)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=post, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    seqs = sorted(store.messages_since("mixed", 0, 1000), key=lambda m: m.seq)
+    assert [m.seq for m in seqs] == list(range(1, 8 * 2 + 8 * 2 * 2 + 1))

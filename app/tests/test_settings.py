@@ -77,7 +77,7 @@ def test_production_defaults():
     assert values["SESSION_COOKIE_SECURE"] is False and values["CSRF_COOKIE_SECURE"] is False
     assert values["USE_X_FORWARDED_HOST"] is False
     layer = values["CHANNEL_LAYERS"]["default"]
-    assert layer["BACKEND"] == "channels_redis.core.RedisChannelLayer"
+    assert layer["BACKEND"] == "channels_redis.pubsub.RedisPubSubChannelLayer"
     assert layer["CONFIG"]["hosts"] == [
         {
             "address": "redis://127.0.0.1:6379/0",
@@ -194,6 +194,8 @@ def test_pubsub_layer_config(monkeypatch):
 
 
 def test_core_layer_capacity_and_expiry(monkeypatch):
+    monkeypatch.setenv("CHANNEL_LAYER", "core")
+    assert build_channel_layers()["default"]["CONFIG"]["capacity"] == 1000
     monkeypatch.setenv("CHANNEL_CAPACITY", "500")
     monkeypatch.setenv("CHANNEL_EXPIRY", "30")
     config = build_channel_layers()["default"]["CONFIG"]

@@ -23,6 +23,9 @@
   var lastSeq = 0;
   // Messages that arrived ahead of a gap, keyed by seq, rendered once it is filled.
   var waiting = new Map();
+  // After a "behind" frame: the server skipped messages up to this seq, which
+  // must come from history before anything newer is shown.
+  var catchUpTo = 0;
 
   nicknameInput.value = localStorage.getItem(NICKNAME_KEY) || "";
   nicknameInput.addEventListener("change", function () {
@@ -89,14 +92,32 @@
     return waiting.size > 0;
   }
 
+  // True while something below a received or announced seq is still missing.
+  function missing() {
+    return waiting.size > 0 || lastSeq < catchUpTo;
+  }
+
+  // Live messages, alone or in a batch: ask for history when they show a gap,
+  // unless a request is already on its way (its answer asks again if needed).
+  function onLive(messages) {
+    var before = missing();
+    messages.forEach(accept);
+    if (missing() && !before) requestSince(lastSeq);
+  }
+
   function onHistory(messages) {
     var before = lastSeq;
-    var gap = false;
-    messages.forEach(function (message) {
-      gap = accept(message);
-    });
+    messages.forEach(accept);
     // Pages are capped by the server: keep asking while they make progress.
-    if (gap && lastSeq > before) requestSince(lastSeq);
+    if (missing() && lastSeq > before) requestSince(lastSeq);
+  }
+
+  function onBehind(frame) {
+    // The server dropped frame.since+1 .. frame.until for this socket: fetch
+    // them; newer live messages wait in `waiting` until they are shown.
+    if (lastSeq === 0 && list.childElementCount === 0) lastSeq = frame.since;
+    catchUpTo = Math.max(catchUpTo, frame.until);
+    requestSince(lastSeq);
   }
 
   function onFrame(event) {
@@ -107,12 +128,16 @@
       return;
     }
     if (frame.type === "message") {
-      if (accept(frame)) requestSince(lastSeq);
+      onLive([frame]);
+    } else if (frame.type === "batch") {
+      onLive(frame.messages);
+    } else if (frame.type === "behind") {
+      onBehind(frame);
     } else if (frame.type === "history") {
       onHistory(frame.messages);
     } else if (frame.type === "error") {
       showNotice(frame.detail + " (" + frame.code + ")");
-      if (frame.code === "rate_limited" && waiting.size > 0) {
+      if (frame.code === "rate_limited" && missing()) {
         setTimeout(function () { requestSince(lastSeq); }, 1000);
       }
     }

@@ -1,0 +1,439 @@
+"""Per-process fan-out of room messages to the WebSockets of this process.
+
+Why not one channel-layer group member per socket (the Channels default): then
+every message costs one Redis operation, one decode and one JSON encoding per
+member, so a room of 1,000 turns 5 messages/s into 5,000 of each per second, and
+the core layer drops the oldest message of a socket whose buffer is full
+without telling anyone. Here each process joins a room's group once (one
+channel per process: the hub's), encodes each message once, and hands the same
+text to every local socket of the room.
+
+What the hub guarantees to each socket:
+
+- **Order without holes.** Messages leave the hub in `seq` order. Posters in
+  other processes can publish out of order, and a channel layer can lose a
+  message (the core layer's capacity, a Redis reconnect); the hub holds
+  messages ahead of a hole for `GAP_WAIT` seconds and then reads the missing
+  ones from the database, once per process rather than once per client.
+- **Batches.** Messages of a room are collected for `BATCH_WINDOW` seconds
+  (counted from the first one) and sent as one frame: a lone message as its
+  usual `message` frame, several as `{"type": "batch", "messages": [...]}`.
+  Frames per second then stop growing with the message rate.
+- **A bounded backlog per socket.** A socket whose sends do not keep up queues
+  at most `SOCKET_BACKLOG` messages. Beyond that its queue is dropped and it
+  gets `{"type": "behind", "since": S, "until": U}`: messages S+1..U were not
+  sent to it; it fetches them with `history` before it shows newer ones.
+"""
+
+import asyncio
+import collections
+import json
+import logging
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from chatservice.env import env_float, env_int
+
+from . import store
+
+log = logging.getLogger(__name__)
+
+# Milliseconds are what operators think in; the module keeps seconds.
+BATCH_WINDOW = env_float("CHAT_BATCH_WINDOW_MS", 5.0, minimum=0.0) / 1000
+GAP_WAIT = env_float("CHAT_GAP_WAIT_MS", 200.0, minimum=0.0) / 1000
+SOCKET_BACKLOG = env_int("CHAT_SOCKET_BACKLOG", 1000, minimum=1)
+# A failed layer receive (Redis restarting) is retried after this pause.
+RETRY_PAUSE = 1.0
+# Matches CHAT_HISTORY_PAGE: one database read fills up to this many missing.
+FILL_PAGE = 200
+# Most posts stored in one transaction.
+POST_BATCH = 500
+
+EVENT_TYPE = "chat.message"
+
+
+def dumps(frame):
+    return json.dumps(frame, ensure_ascii=False)
+
+
+def batch_text(texts):
+    """A batch frame built from message texts that are already encoded JSON."""
+    return '{"type": "batch", "messages": [' + ", ".join(texts) + "]}"
+
+
+def behind_text(since, until):
+    return dumps({"type": "behind", "since": since, "until": until})
+
+
+def group_name(room_name):
+    return f"chat.{room_name}"
+
+
+def history_text(texts):
+    return '{"type": "history", "messages": [' + ", ".join(texts) + "]}"
+
+
+@database_sync_to_async
+def _recent_frames(room_name, limit):
+    return [m.as_frame() for m in store.recent_messages(room_name, limit)]
+
+
+@database_sync_to_async
+def _store_posts(posts):
+    return [m.as_frame() for m in store.post_messages(posts)]
+
+
+@database_sync_to_async
+def _frames_since(room_name, since, limit):
+    return [m.as_frame() for m in store.messages_since(room_name, since, limit)]
+
+
+class Subscriber:
+    """One socket's view of its room: what is still to be sent to it, bounded.
+
+    `send` is a coroutine function taking a text frame. The room's sender task
+    hands a fresh frame to every idle socket in one pass (no task per socket
+    per frame: with Daphne a send completes without waiting); a socket that is
+    still sending, or paused, queues, and drains in a task of its own so that
+    it holds up only itself.
+    """
+
+    def __init__(self, send, backlog=None):
+        self.send = send
+        self.backlog = backlog or SOCKET_BACKLOG
+        # Flushes not yet sent: (frame text, [(seq, message text), ...]).
+        self.queue = []
+        self.queued = 0
+        # (since, until) of messages dropped from this socket's queue.
+        self.behind = None
+        self.paused = True
+        # A send to this socket is under way (the room's pass or its own task).
+        self.busy = False
+        self.task = None
+
+    def offer(self, frame, items):
+        """Takes a flush; True means: idle, the caller sends `frame` with send_now()."""
+        if not (self.paused or self.busy or self.queue or self.behind):
+            self.busy = True
+            return True
+        if self.queued + len(items) > self.backlog:
+            # Never drop silently: the socket learns exactly which seqs it lost.
+            dropped = [seq for _, flush in self.queue for seq, _ in flush] + [seq for seq, _ in items]
+            since, until = dropped[0] - 1, dropped[-1]
+            if self.behind is not None:
+                since = min(since, self.behind[0])
+            self.behind = (since, until)
+            self.queue, self.queued = [], 0
+        else:
+            self.queue.append((frame, items))
+            self.queued += len(items)
+        self._wake()
+        return False
+
+    async def send_now(self, frame):
+        try:
+            if not self.paused:
+                await self.send(frame)
+        except Exception:
+            # A socket that cannot be written to is closing; its consumer cleans up.
+            log.debug("send to a subscriber failed", exc_info=True)
+        finally:
+            self.busy = False
+            self._wake()
+
+    def start(self):
+        """Begin sending; until then messages only queue (the join history goes first)."""
+        self.paused = False
+        self._wake()
+
+    def stop(self):
+        self.paused = True
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+
+    def _wake(self):
+        if not (self.paused or self.busy) and (self.queue or self.behind):
+            self.busy = True
+            self.task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self):
+        try:
+            while not self.paused and (self.queue or self.behind):
+                if self.behind is not None:
+                    since, until = self.behind
+                    self.behind = None
+                    await self.send(behind_text(since, until))
+                    continue
+                queue, self.queue, self.queued = self.queue, [], 0
+                if len(queue) == 1:
+                    # The room's frame, shared by every socket.
+                    text = queue[0][0]
+                else:
+                    text = batch_text([message for _, flush in queue for _, message in flush])
+                await self.send(text)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.debug("send to a subscriber failed", exc_info=True)
+        finally:
+            self.busy = False
+            self.task = None
+
+
+class _Room:
+    def __init__(self, name):
+        self.name = name
+        self.group = group_name(name)
+        self.subscribers = set()
+        self.opening = None
+        # The next seq to hand out; None until the room is open.
+        self.expected = None
+        # Messages ahead of a hole, by seq.
+        self.held = {}
+        self.gap_timer = None
+        self.filling = False
+        # Message texts waiting for the batch window to close.
+        self.pending = []
+        self.flush_timer = None
+        # The newest messages handed out, as texts: the history a joining
+        # socket gets, without a database read per handshake.
+        self.recent = collections.deque(maxlen=settings.CHAT_HISTORY_ON_JOIN)
+        self._history = None
+
+    def history(self):
+        if self._history is None:
+            self._history = history_text(self.recent)
+        return self._history
+
+
+class Hub:
+    """One per event loop and channel layer: the process's member of every room group."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.loop = asyncio.get_running_loop()
+        self.rooms = {}
+        self.channel = None
+        self.reader = None
+        # Serializes group_add/group_discard so a room closed and reopened at
+        # once never ends up discarded after its new add.
+        self.membership = asyncio.Lock()
+        # Posts waiting for the database: (room, nickname, body, future).
+        self.posts = []
+        self.poster = None
+
+    # Membership -----------------------------------------------------------
+
+    async def join(self, room_name, subscriber):
+        """Adds a paused subscriber; once the room receives messages, returns its history frame.
+
+        Everything handed out after the subscriber was added is queued for it;
+        everything before is in the history (up to its length), so a joining
+        socket misses nothing and may see a message twice (clients drop it by seq).
+        """
+        room = self.rooms.get(room_name)
+        if room is None:
+            room = self.rooms[room_name] = _Room(room_name)
+            room.opening = self.loop.create_task(self._open(room))
+        room.subscribers.add(subscriber)
+        try:
+            # shield: a handshake given up does not cancel the opening others await.
+            await asyncio.shield(room.opening)
+        except BaseException:
+            self.leave(room_name, subscriber)
+            raise
+        return room.history()
+
+    def leave(self, room_name, subscriber):
+        subscriber.stop()
+        room = self.rooms.get(room_name)
+        if room is None or subscriber not in room.subscribers:
+            return
+        room.subscribers.discard(subscriber)
+        if not room.subscribers:
+            del self.rooms[room_name]
+            for timer in (room.gap_timer, room.flush_timer):
+                if timer is not None:
+                    timer.cancel()
+            self.loop.create_task(self._close(room))
+
+    async def _open(self, room):
+        async with self.membership:
+            if self.reader is None:
+                # A fresh channel each time: the pub/sub layer forgets a
+                # channel whose receive was cancelled (see _close).
+                self.channel = await self.layer.new_channel()
+                self.reader = self.loop.create_task(self._read())
+            await self.layer.group_add(room.group, self.channel)
+        # Read after joining the group: every later message reaches the hub,
+        # every earlier one is in this history.
+        recent = await _recent_frames(room.name, room.recent.maxlen)
+        room.recent.extend(dumps(message) for message in recent)
+        room.expected = recent[-1]["seq"] + 1 if recent else 1
+        for seq in [seq for seq in room.held if seq < room.expected]:
+            del room.held[seq]
+        self._release(room)
+
+    async def _close(self, room):
+        try:
+            await room.opening
+        except Exception:
+            return  # never joined the group
+        try:
+            async with self.membership:
+                if room.name in self.rooms:
+                    return  # reopened meanwhile: the group membership is still needed
+                await self.layer.group_discard(room.group, self.channel)
+                if not self.rooms and self.reader is not None:
+                    # No room left (a room being opened is in self.rooms
+                    # already): stop reading; the next room starts afresh.
+                    self.reader.cancel()
+                    self.reader = None
+        except Exception:
+            log.warning("leaving group %s failed", room.group, exc_info=True)
+
+    # Receiving ------------------------------------------------------------
+
+    async def _read(self):
+        while True:
+            try:
+                event = await self.layer.receive(self.channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Messages lost meanwhile are filled from the database when
+                # the next one shows the hole.
+                log.warning("channel layer receive failed; retrying", exc_info=True)
+                await asyncio.sleep(RETRY_PAUSE)
+                continue
+            if event.get("type") == EVENT_TYPE:
+                self.deliver(event["message"])
+
+    def deliver(self, message):
+        """Takes one message as posted (a dict with room and seq)."""
+        room = self.rooms.get(message["room"])
+        if room is None:
+            return
+        seq = message["seq"]
+        if room.expected is not None and seq < room.expected:
+            return  # a duplicate, or already filled from the database
+        room.held[seq] = message
+        if room.expected is not None:
+            self._release(room)
+
+    def _release(self, room):
+        """Hands out the messages that follow without a hole; watches a remaining hole."""
+        while room.expected in room.held:
+            text = dumps(room.held.pop(room.expected))
+            room.pending.append((room.expected, text))
+            room.recent.append(text)
+            room._history = None
+            room.expected += 1
+        if room.pending and room.flush_timer is None:
+            room.flush_timer = self.loop.call_later(BATCH_WINDOW, self._flush, room)
+        if room.held and room.gap_timer is None and not room.filling:
+            room.gap_timer = self.loop.call_later(GAP_WAIT, self._start_fill, room)
+
+    def _start_fill(self, room):
+        room.gap_timer = None
+        if room.held and not room.filling and self.rooms.get(room.name) is room:
+            room.filling = True
+            self.loop.create_task(self._fill(room))
+
+    async def _fill(self, room):
+        try:
+            while room.held and self.rooms.get(room.name) is room:
+                before = room.expected
+                messages = await _frames_since(room.name, room.expected - 1, FILL_PAGE)
+                for message in messages:
+                    if message["seq"] >= room.expected:
+                        room.held.setdefault(message["seq"], message)
+                self._release(room)
+                if room.expected == before:
+                    # Not in the database: a seq that no longer exists cannot
+                    # be waited for, so skip to what is held.
+                    log.warning("room %s: seq %d missing from the database", room.name, before)
+                    room.expected = min(room.held)
+                    self._release(room)
+        except Exception:
+            log.warning("filling a gap in room %s failed; retrying", room.name, exc_info=True)
+        finally:
+            room.filling = False
+        if room.held:
+            self._release(room)
+
+    # Posting --------------------------------------------------------------
+
+    async def post(self, room_name, nickname, body):
+        """Stores a message and publishes it; returns it as a frame dict.
+
+        Posts that arrive while a write is running are stored together in the
+        next one (group commit): one thread hop, connection and transaction
+        for all of them instead of one each.
+        """
+        future = self.loop.create_future()
+        self.posts.append((room_name, nickname, body, future))
+        if self.poster is None or self.poster.done():
+            self.poster = self.loop.create_task(self._write_posts())
+        return await future
+
+    async def _write_posts(self):
+        while self.posts:
+            batch, self.posts = self.posts[:POST_BATCH], self.posts[POST_BATCH:]
+            try:
+                stored = await _store_posts([(room, nick, body) for room, nick, body, _ in batch])
+            except Exception as error:
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for message, (room_name, *_, future) in zip(stored, batch):
+                try:
+                    await publish(room_name, message)
+                except Exception as error:
+                    if not future.done():
+                        future.set_exception(error)
+                    continue
+                if not future.done():
+                    future.set_result(message)
+
+    def _flush(self, room):
+        room.flush_timer = None
+        pending, room.pending = room.pending, []
+        if not pending:
+            return
+        frame = pending[0][1] if len(pending) == 1 else batch_text([text for _, text in pending])
+        idle = [subscriber for subscriber in room.subscribers if subscriber.offer(frame, pending)]
+        if idle:
+            self.loop.create_task(self._send_to(idle, frame))
+
+    @staticmethod
+    async def _send_to(subscribers, frame):
+        for subscriber in subscribers:
+            await subscriber.send_now(frame)
+
+
+_hubs = {}
+
+
+def get_hub():
+    """The hub of the running event loop for the default channel layer."""
+    loop = asyncio.get_running_loop()
+    layer = get_channel_layer()
+    hub = _hubs.get(loop)
+    if hub is None or hub.layer is not layer:
+        # A new layer (settings changed, tests) or a new loop: start afresh.
+        for old_loop in [old for old in _hubs if old.is_closed()]:
+            del _hubs[old_loop]
+        hub = _hubs[loop] = Hub(layer)
+    return hub
+
+
+async def publish(room_name, message):
+    """Sends a stored message to every process that has sockets in the room."""
+    await get_channel_layer().group_send(
+        group_name(room_name), {"type": EVENT_TYPE, "message": message}
+    )

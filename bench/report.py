@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""Tables and a plot from a results folder of bench.sh, or ratios between two.
+
+    report.py table RESULTS     writes RESULTS/results.md and RESULTS/plot.png
+    report.py compare A B       prints B/A for every figure both folders have
+"""
+
+import json
+import pathlib
+import re
+import sys
+
+
+def load(folder):
+    folder = pathlib.Path(folder)
+    results = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    for path in sorted(folder.glob("*.wrk.txt")):
+        results[path.name[: -len(".wrk.txt")]] = parse_wrk(path.read_text())
+    return results
+
+
+def parse_wrk(text):
+    """Requests/s and the 99th percentile from `wrk --latency`."""
+    result = {"scenario": "wrk", "raw": text}
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)", text, re.M)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if rate:
+        result["req_per_s"] = float(rate.group(1))
+    if p99:
+        scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0}[p99.group(2)]
+        result["p99_s"] = round(float(p99.group(1)) * scale, 6)
+    result["non_2xx"] = int(non2xx.group(1)) if non2xx else 0
+    return result
+
+
+def ms(seconds):
+    return "–" if seconds is None else f"{seconds * 1000:,.0f} ms" if seconds >= 0.01 else f"{seconds * 1000:.2f} ms"
+
+
+def cpu_per_1000(r):
+    value = r.get("server_cpu_ms_per_1000_deliveries")
+    return "–" if value is None else f"{value} ms ({r['server_cpu_s']} s in all)"
+
+
+def figures(results):
+    """The headline figures, name -> (value, unit); what compare divides."""
+    out = {}
+    for name in ("fanout-100", "fanout-1000"):
+        r = results.get(name)
+        if r:
+            out[f"{name} delivered %"] = r["delivered_pct"]
+            out[f"{name} p50 s"] = r["latency_s"]["p50"]
+            out[f"{name} p99 s"] = r["latency_s"]["p99"]
+            out[f"{name} frames/s"] = r["frames_per_s"]
+            out[f"{name} messages/s"] = r["messages_per_s"]
+            out[f"{name} server CPU ms per 1000 deliveries"] = r.get("server_cpu_ms_per_1000_deliveries")
+    if "burst" in results:
+        out["burst accepted"] = results["burst"]["accepted"]
+    if "idle" in results:
+        out["idle held"] = results["idle"]["still_open_after_hold"]
+        out["idle KiB/connection"] = results["idle"].get("kib_per_connection")
+    for name, r in results.items():
+        if r.get("scenario") == "http":
+            out[f"{name} req/s"] = r["req_per_s"]
+            out[f"{name} p99 s"] = r["latency_s"]["p99"]
+        elif r.get("scenario") == "wrk" and "req_per_s" in r:
+            out[f"{name} req/s"] = r["req_per_s"]
+            out[f"{name} p99 s"] = r.get("p99_s")
+    return out
+
+
+def table(folder):
+    folder = pathlib.Path(folder)
+    results = load(folder)
+    lines = [f"# Benchmark {folder.name}", ""]
+    host = folder / "host.txt"
+    if host.exists():
+        lines += ["```", host.read_text().rstrip(), "```", ""]
+
+    lines += ["## WebSocket fan-out (through Nginx, the app's protocol)", "",
+              "| room | demand | delivered | p50 | p95 | p99 | max | frames/s | messages/s | behind | out of order | server CPU per 1,000 deliveries | load avg before → after |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in ("fanout-100", "fanout-1000"):
+        r = results.get(name)
+        if not r:
+            continue
+        demand = r["senders"] * r["rate_per_sender"] * r["connected"]
+        lines.append(
+            f"| {r['connected']} members, {r['senders']} sender(s) x {r['rate_per_sender']:g} msg/s "
+            f"| {demand:,.0f} deliveries/s | {r['delivered_pct']} % "
+            f"| {ms(r['latency_s']['p50'])} | {ms(r['latency_s']['p95'])} | {ms(r['latency_s']['p99'])} "
+            f"| {ms(r['latency_max_s'])} | {r['frames_per_s']:,.0f} | {r['messages_per_s']:,.0f} "
+            f"| {r['behind_frames']} | {r['out_of_order']} "
+            f"| {cpu_per_1000(r)} | {r['loadavg_before']} → {r['loadavg_after']} |")
+    lines.append("")
+
+    lines += ["## Handshakes and idle sockets", "",
+              "| scenario | attempted | accepted | HTTP errors | refused | timeouts | other | still open after hold | handshakes/s | memory per connection |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in ("burst", "idle"):
+        r = results.get(name)
+        if not r:
+            continue
+        per = f"{r['kib_per_connection']} KiB (Daphne + Nginx RSS)" if r.get("kib_per_connection") else "–"
+        lines.append(
+            f"| {name} | {r['attempted']:,} | {r['accepted']:,} | {r['http_status'] or 0} | {r['refused']} "
+            f"| {r['timeouts']} | {r['other_errors'] or 0} | {r['still_open_after_hold']:,} ({r['hold_s']:g} s) "
+            f"| {r['handshakes_per_s']} | {per} |")
+    lines.append("")
+
+    lines += ["## HTTP", "", "| target | client | req/s | p50 | p99 | non-2xx / errors |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if r.get("scenario") == "http":
+            bad = sum(n for code, n in r["status"].items() if not code.startswith("2"))
+            lines.append(f"| {r['target']} | loadgen, {r['connections']} conns | {r['req_per_s']:,.0f} "
+                         f"| {ms(r['latency_s']['p50'])} | {ms(r['latency_s']['p99'])} | {bad} / {r['errors']} |")
+        elif r.get("scenario") == "wrk" and "req_per_s" in r:
+            lines.append(f"| {name} | wrk, 64 conns | {r['req_per_s']:,.0f} | – | {ms(r.get('p99_s'))} | {r['non_2xx']} |")
+    lines.append("")
+    commands = folder / "commands.txt"
+    if commands.exists():
+        lines += ["## Commands", "", "```", commands.read_text().rstrip(), "```", ""]
+    (folder / "results.md").write_text("\n".join(lines))
+    plot(folder, results)
+    print("\n".join(lines))
+
+
+def plot(folder, results):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in ("fanout-100", "fanout-1000"):
+        r = results.get(name)
+        if not r or not r.get("latency_sample"):
+            continue
+        sample = r["latency_sample"]
+        fraction = [i / len(sample) for i in range(1, len(sample) + 1)]
+        demand = r["senders"] * r["rate_per_sender"] * r["connected"]
+        left.plot([x * 1000 for x in sample], fraction,
+                  label=f"{r['connected']} members, {demand:,.0f} deliveries/s")
+    left.set_xscale("log")
+    left.set_xlabel("fan-out latency, ms (send to receive)")
+    left.set_ylabel("fraction of deliveries")
+    left.set_title("WebSocket fan-out: latency distribution per load")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend()
+
+    http = [(r["target"], r["req_per_s"], r["latency_s"]["p99"]) for r in results.values()
+            if r.get("scenario") == "http"]
+    if http:
+        labels, rates, p99 = zip(*http)
+        right.barh(labels, rates)
+        for y, (rate, p) in enumerate(zip(rates, p99)):
+            right.text(rate, y, f" {rate:,.0f}/s, p99 {ms(p)}", va="center", fontsize=8)
+        right.set_xscale("log")
+        right.set_xlabel("requests/s (log)")
+        right.set_title("HTTP through Nginx, Gunicorn direct, Nginx ceiling")
+    fig.tight_layout()
+    fig.savefig(folder / "plot.png", dpi=100)
+
+
+def compare(a, b):
+    fa, fb = figures(load(a)), figures(load(b))
+    print(f"| figure | {pathlib.Path(a).name} | {pathlib.Path(b).name} | B/A |")
+    print("|---|---|---|---|")
+    for key in fa:
+        if key in fb and fa[key] is not None and fb[key] is not None:
+            ratio = f"{fb[key] / fa[key]:.2f}" if fa[key] else "–"
+            print(f"| {key} | {fa[key]:,} | {fb[key]:,} | {ratio} |")
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "table":
+        table(sys.argv[2])
+    elif len(sys.argv) == 4 and sys.argv[1] == "compare":
+        compare(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()

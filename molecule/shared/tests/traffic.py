@@ -66,7 +66,8 @@ class Traffic:
         first = True
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
-                async with connect(url, origin=self.edge.origin, open_timeout=10) as ws:
+                tls = self.edge.ssl if url.startswith("wss:") else None
+                async with connect(url, origin=self.edge.origin, open_timeout=10, ssl=tls) as ws:
                     if closed is not None:
                         with self._lock:
                             self.counts.reconnects.append((closed[0], time.monotonic() - closed[1]))

@@ -186,10 +186,18 @@ def _socket_start_times(host):
 
 
 def test_the_sockets_listen_with_the_backlog_their_units_ask_for(host):
+    wanted = {}
+    for unit in host.check_output("systemctl show --property=Backlog,Listen 'chat-*.socket'").split("\n\n"):
+        props = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line)
+        wanted[props["Listen"].split()[0]] = props["Backlog"]
+    assert len(wanted) >= 3, wanted
+    listening = {}
     for line in host.check_output("ss -Hlx").splitlines():
-        if "/run/chat/" in line:
-            # Netid State Recv-Q Send-Q Local...: Send-Q is a listener's backlog.
-            assert line.split()[3] == "2048", line
+        # Netid State Recv-Q Send-Q Local ...: Send-Q is a listener's backlog.
+        fields = line.split()
+        if fields[4] in wanted:
+            listening[fields[4]] = fields[3]
+    assert listening == wanted
 
 
 def test_a_second_deploy_is_refused_while_one_runs(host, edge, releases, tmp_path):

@@ -4,7 +4,9 @@
 The container options come from the platform of Molecule's default scenario,
 so the demo host and the tested host are made the same way:
 
-    host.py up NAME PORT     start NAME with its port 80 on 127.0.0.1:PORT
+    host.py up NAME PORT TLS_PORT
+                             start NAME with its port 80 on 127.0.0.1:PORT
+                             and its port 443 on 127.0.0.1:TLS_PORT
     host.py down NAME        remove NAME
 """
 
@@ -44,7 +46,7 @@ def wait_for_systemd(container, timeout=60):
     sys.exit(f"systemd in {container.name} did not finish booting in {timeout} s (state: {state})")
 
 
-def up(client, name, port):
+def up(client, name, port, tls_port):
     try:
         container = client.containers.get(name)
     except docker.errors.NotFound:
@@ -62,7 +64,7 @@ def up(client, name, port):
             volumes=p["volumes"],
             tmpfs={path: "" for path in p["tmpfs"]},
             sysctls=p.get("sysctls", {}),
-            ports={"80/tcp": ("127.0.0.1", int(port))},
+            ports={"80/tcp": ("127.0.0.1", int(port)), "443/tcp": ("127.0.0.1", int(tls_port))},
             # A reboot of the machine brings the demo back.
             restart_policy={"Name": "unless-stopped"},
         )
@@ -85,12 +87,13 @@ def main():
     p_up = sub.add_parser("up")
     p_up.add_argument("name")
     p_up.add_argument("port", type=int)
+    p_up.add_argument("tls_port", type=int)
     p_down = sub.add_parser("down")
     p_down.add_argument("name")
     args = parser.parse_args()
     client = docker.from_env()
     if args.action == "up":
-        up(client, args.name, args.port)
+        up(client, args.name, args.port, args.tls_port)
     else:
         down(client, args.name)
 

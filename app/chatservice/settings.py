@@ -28,6 +28,10 @@ ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1")
 if DEBUG:
     ALLOWED_HOSTS += [h for h in ("localhost", "127.0.0.1", "[::1]") if h not in ALLOWED_HOSTS]
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+# Origins (scheme://host[:port]) the site is served from: a WebSocket
+# handshake must come from one of them exactly. Empty (development): any
+# origin whose host is in ALLOWED_HOSTS.
+PUBLIC_ORIGINS = [origin.lower().rstrip("/") for origin in env_list("PUBLIC_ORIGINS")]
 
 RELEASE = env_str("RELEASE", "dev")
 

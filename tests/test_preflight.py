@@ -38,6 +38,7 @@ def write_inventory(tmp_path, groups, extra_vars=""):
         "    ansible_python_interpreter: \"{{ ansible_playbook_python }}\"\n"
         "    chat_secret_key: " + "k" * 50 + "\n"
         "    chat_redis_password: " + "p" * 32 + "\n"
+        "    chat_redis_admin_password: " + "a" * 32 + "\n"
         + textwrap.indent(extra_vars, "    ")
         + "  children:\n" + children
     )

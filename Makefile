@@ -3,7 +3,7 @@
 
 .PHONY: demo demo-down test lint setup bench bench-down
 
-## demo: deploy the chat to a local Debian systemd host, on http://127.0.0.1:8080/
+## demo: deploy the chat to a local Debian systemd host, on https://localhost:8443/
 demo:
 	scripts/demo.sh up
 

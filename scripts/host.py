@@ -4,7 +4,9 @@
 The container options come from the platform of Molecule's default scenario,
 so the demo host and the tested host are made the same way:
 
-    host.py up NAME PORT     start NAME with its port 80 on 127.0.0.1:PORT
+    host.py up NAME PORT TLS_PORT
+                             start NAME with its port 80 on 127.0.0.1:PORT
+                             and its port 443 on 127.0.0.1:TLS_PORT
         [--publish PORT:HOSTPORT ...]   and more of its ports on 127.0.0.1
     host.py down NAME        remove NAME
 """
@@ -45,7 +47,7 @@ def wait_for_systemd(container, timeout=60):
     sys.exit(f"systemd in {container.name} did not finish booting in {timeout} s (state: {state})")
 
 
-def up(client, name, port, publish=()):
+def up(client, name, port, tls_port, publish=()):
     try:
         container = client.containers.get(name)
     except docker.errors.NotFound:
@@ -63,7 +65,7 @@ def up(client, name, port, publish=()):
             volumes=p["volumes"],
             tmpfs={path: "" for path in p["tmpfs"]},
             sysctls=p.get("sysctls", {}),
-            ports={"80/tcp": ("127.0.0.1", int(port)),
+            ports={"80/tcp": ("127.0.0.1", int(port)), "443/tcp": ("127.0.0.1", int(tls_port)),
                    **{f"{inner}/tcp": ("127.0.0.1", int(outer)) for inner, outer in publish}},
             # A reboot of the machine brings the demo back.
             restart_policy={"Name": "unless-stopped"},
@@ -87,6 +89,7 @@ def main():
     p_up = sub.add_parser("up")
     p_up.add_argument("name")
     p_up.add_argument("port", type=int)
+    p_up.add_argument("tls_port", type=int)
     p_up.add_argument("--publish", action="append", default=[], metavar="PORT:HOSTPORT",
                       type=lambda value: tuple(value.split(":", 1)))
     p_down = sub.add_parser("down")
@@ -94,7 +97,7 @@ def main():
     args = parser.parse_args()
     client = docker.from_env()
     if args.action == "up":
-        up(client, args.name, args.port, args.publish)
+        up(client, args.name, args.port, args.tls_port, args.publish)
     else:
         down(client, args.name)
 

@@ -6,6 +6,7 @@ started. None of them reaches a remote host: the first preflight play runs
 on the controller only, and the second gathers facts of a local host.
 """
 
+import json
 import os
 import pathlib
 import subprocess
@@ -38,6 +39,7 @@ def write_inventory(tmp_path, groups, extra_vars=""):
         "    ansible_python_interpreter: \"{{ ansible_playbook_python }}\"\n"
         "    chat_secret_key: " + "k" * 50 + "\n"
         "    chat_redis_password: " + "p" * 32 + "\n"
+        "    chat_redis_admin_password: " + "a" * 32 + "\n"
         + textwrap.indent(extra_vars, "    ")
         + "  children:\n" + children
     )
@@ -76,11 +78,71 @@ def test_web_host_outside_app_is_refused(tmp_path):
     assert FIRST_CHANGING_PLAY not in output
 
 
-def test_short_secret_is_refused(tmp_path):
+@pytest.mark.parametrize(("variable", "value"), [
+    ("chat_secret_key", "short"),
+    ("chat_secret_key", "k" * 49),  # Django's check --deploy wants 50+
+    ("chat_secret_key", "k" * 49 + "'"),  # would end chat.env's quoting
+    ("chat_redis_password", "p" * 31 + "@"),  # would break REDIS_URL
+    ("chat_redis_admin_password", "a" * 31 + " "),
+])
+def test_short_or_unsafe_secret_is_refused(tmp_path, variable, value):
     inventory = write_inventory(tmp_path, ["web", "app", "redis"])
-    rc, output = run_site(inventory, "-e", "chat_secret_key=short")
+    rc, output = run_site(inventory, "-e", json.dumps({variable: value}))
     assert rc != 0
     assert "lacks chat_secret_key" in output
+    assert FIRST_CHANGING_PLAY not in output
+
+
+def vault_inventory(tmp_path, encrypted):
+    """A good inventory whose secrets live in a vault file, encrypted or not."""
+    vault = tmp_path / "vault.yml"
+    vault.write_text("vault_note: a value only the vault holds\n")
+    password = tmp_path / "vault-password"
+    password.write_text("test-only-vault-password\n")
+    if encrypted:
+        subprocess.run(["ansible-vault", "encrypt", "--vault-password-file", str(password), str(vault)],
+                       check=True, capture_output=True, timeout=60)
+    inventory = write_inventory(tmp_path, ["web", "app", "redis"], f"chat_vault_file: {vault}\n")
+    # Extra vars: group_vars/all (the shared defaults) outrank the
+    # inventory file's own `all` vars.
+    certificate = json.dumps({"chat_tls_certificate_source": "provided",
+                              "chat_tls_certificate": "-----BEGIN CERTIFICATE-----",
+                              "chat_tls_key": "-----BEGIN PRIVATE KEY-----"})
+    return inventory, ["--vault-password-file", str(password), "-e", certificate]
+
+
+def test_vault_in_clear_is_refused(tmp_path):
+    inventory, options = vault_inventory(tmp_path, encrypted=False)
+    rc, output = run_site(inventory, *options)
+    assert rc != 0
+    assert "vault.yml is not encrypted" in output
+    assert FIRST_CHANGING_PLAY not in output
+
+
+def test_encrypted_vault_passes_preflight(tmp_path):
+    """The control for the test above: the same inventory, vault encrypted."""
+    inventory, options = vault_inventory(tmp_path, encrypted=True)
+    rc, output = run_site(inventory, *options, "--tags", "never")
+    assert rc == 0, output[-3000:]
+
+
+@pytest.mark.parametrize("extra", [
+    {"chat_tls_certificate_source": "letsencrypt"},
+    {"chat_tls_certificate_source": "provided"},  # no certificate or key
+    {"chat_tls_certificate_source": "provided", "chat_tls_certificate": "x", "chat_tls_key": "y"},
+], ids=["unknown-source", "provided-without-pem", "provided-not-pem"])
+def test_certificate_source_is_checked(tmp_path, extra):
+    rc, output = run_site(write_inventory(tmp_path, ["web", "app", "redis"]), "-e", json.dumps(extra))
+    assert rc != 0
+    assert "chat_tls_certificate_source is" in output
+    assert FIRST_CHANGING_PLAY not in output
+
+
+def test_self_signed_certificate_is_refused_where_there_is_a_vault(tmp_path):
+    inventory, options = vault_inventory(tmp_path, encrypted=True)
+    rc, output = run_site(inventory, *options, "-e", "chat_tls_certificate_source=self_signed")
+    assert rc != 0
+    assert "cannot use self_signed" in output
     assert FIRST_CHANGING_PLAY not in output
 
 

@@ -3,12 +3,14 @@ from django.core.handlers.asgi import ASGIRequest
 from django.http import Http404, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_safe
 
 from . import health
 from .models import Room, is_valid_room_name
 
 LOBBY_ROOM_COUNT = 100
+
+# Pages answer GET and HEAD (require_safe): monitors and link checkers use HEAD.
 
 
 def _lobby(request, status=200, error="", room_input=""):
@@ -17,12 +19,12 @@ def _lobby(request, status=200, error="", room_input=""):
     return render(request, "chat/lobby.html", context, status=status)
 
 
-@require_GET
+@require_safe
 def lobby(request):
     return _lobby(request)
 
 
-@require_GET
+@require_safe
 def enter(request):
     """Target of the lobby form: normalise the name, then go to the room."""
     room_input = request.GET.get("room", "")
@@ -37,7 +39,7 @@ def enter(request):
     return redirect("chat:room", room=name)
 
 
-@require_GET
+@require_safe
 def room(request, room):
     if not is_valid_room_name(room):
         raise Http404("No such room")
@@ -49,7 +51,7 @@ def room(request, room):
 
 
 @never_cache
-@require_GET
+@require_safe
 def healthz(request):
     checks = {"database": health.check_database(), "redis": health.check_redis()}
     healthy = all(result == "ok" for result in checks.values())

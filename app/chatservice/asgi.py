@@ -12,9 +12,58 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from channels.security.websocket import OriginValidator, WebsocketDenier  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.http.request import split_domain_port, validate_host  # noqa: E402
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
+
+
+def _header(scope, name):
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin1")
+    return ""
+
+
+class AllowedHostValidator:
+    """Refuses a WebSocket handshake whose Host is not in ALLOWED_HOSTS.
+
+    Django checks Host for HTTP requests only; without this, a handshake
+    for any name reaches the consumers as long as its Origin is allowed.
+    """
+
+    def __init__(self, application):
+        self.application = application
+
+    async def __call__(self, scope, receive, send):
+        domain, _ = split_domain_port(_header(scope, b"host"))
+        if not domain or not validate_host(domain, settings.ALLOWED_HOSTS):
+            return await WebsocketDenier()(scope, receive, send)
+        return await self.application(scope, receive, send)
+
+
+class PublicOriginValidator(OriginValidator):
+    """Accepts only the site's public origins, scheme, host and port alike.
+
+    settings.PUBLIC_ORIGINS holds them ("https://chat.example.com",
+    "https://localhost:8443"); channels compares each part, with the
+    scheme's default port when the origin names none. Without them
+    (development), any scheme and port of an allowed host passes, as with
+    channels' AllowedHostsOriginValidator. Read per handshake, so tests can
+    change the settings.
+    """
+
+    def __init__(self, application):
+        super().__init__(application, allowed_origins=())
+
+    def valid_origin(self, parsed_origin):
+        allowed = settings.PUBLIC_ORIGINS or settings.ALLOWED_HOSTS
+        if parsed_origin is None:  # browsers always send one
+            return "*" in allowed
+        return any(pattern == "*" or self.match_allowed_origin(parsed_origin, pattern)
+                   for pattern in allowed)
+
 
 application = ProtocolTypeRouter(
     {
@@ -22,6 +71,6 @@ application = ProtocolTypeRouter(
         # The chat is anonymous (nicknames), so no session/auth middleware; the
         # origin check is what stops other sites from opening sockets in a
         # visitor's browser.
-        "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
+        "websocket": AllowedHostValidator(PublicOriginValidator(URLRouter(websocket_urlpatterns))),
     }
 )

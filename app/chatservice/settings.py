@@ -28,6 +28,10 @@ ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1")
 if DEBUG:
     ALLOWED_HOSTS += [h for h in ("localhost", "127.0.0.1", "[::1]") if h not in ALLOWED_HOSTS]
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+# Origins (scheme://host[:port]) the site is served from: a WebSocket
+# handshake must come from one of them exactly. Empty (development): any
+# origin whose host is in ALLOWED_HOSTS.
+PUBLIC_ORIGINS = [origin.lower().rstrip("/") for origin in env_list("PUBLIC_ORIGINS")]
 
 
 
@@ -144,6 +148,17 @@ if env_bool("TRUST_X_FORWARDED_PROTO", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 USE_X_FORWARDED_HOST = False
 SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("SECURE_COOKIES", False)
+# The proxy serves https only and redirects http itself; these make Django
+# agree (and `check --deploy` see it). The proxy sends Strict-Transport-Security
+# on every response, so the deployment passes the same values to both.
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+# Preloading is a one-way request to browsers' built-in lists, an operator's
+# decision rather than a deployment defect: when it is off, say so once here
+# instead of in every `check --deploy`.
+SILENCED_SYSTEM_CHECKS = [] if SECURE_HSTS_PRELOAD else ["security.W021"]
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

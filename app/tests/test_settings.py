@@ -116,6 +116,42 @@ def test_proxy_and_database_settings_from_the_environment(tmp_path):
     assert values["RELEASE"] == "20250101T000000"
 
 
+def test_https_settings_default_off_and_come_from_the_environment():
+    names = ("SECURE_SSL_REDIRECT", "SECURE_HSTS_SECONDS", "SECURE_HSTS_INCLUDE_SUBDOMAINS",
+             "SECURE_HSTS_PRELOAD", "SILENCED_SYSTEM_CHECKS")
+    defaults = read_settings({"SECRET_KEY": "k"}, *names)
+    assert (defaults["SECURE_SSL_REDIRECT"], defaults["SECURE_HSTS_SECONDS"]) == (False, 0)
+    assert defaults["SECURE_HSTS_INCLUDE_SUBDOMAINS"] is False
+    values = read_settings(
+        {"SECRET_KEY": "k", "SECURE_SSL_REDIRECT": "true", "SECURE_HSTS_SECONDS": "63072000",
+         "SECURE_HSTS_INCLUDE_SUBDOMAINS": "true", "SECURE_HSTS_PRELOAD": "false"},
+        *names,
+    )
+    assert values["SECURE_SSL_REDIRECT"] is True
+    assert values["SECURE_HSTS_SECONDS"] == 63072000
+    assert values["SECURE_HSTS_INCLUDE_SUBDOMAINS"] is True
+    assert values["SILENCED_SYSTEM_CHECKS"] == ["security.W021"]
+    preload = read_settings({"SECRET_KEY": "k", "SECURE_HSTS_PRELOAD": "yes"}, "SILENCED_SYSTEM_CHECKS")
+    assert preload["SILENCED_SYSTEM_CHECKS"] == []
+
+
+def test_deploy_check_is_clean_with_the_deployments_https_settings(tmp_path):
+    """The environment the Ansible deployment writes passes `check --deploy`."""
+    env = {
+        "PATH": os.environ.get("PATH", ""), "SECRET_KEY": "x7" * 25 + "-Qz_aB9",
+        "ALLOWED_HOSTS": "chat.example", "CSRF_TRUSTED_ORIGINS": "https://chat.example",
+        "TRUST_X_FORWARDED_PROTO": "true", "SECURE_COOKIES": "true", "SECURE_SSL_REDIRECT": "true",
+        "SECURE_HSTS_SECONDS": "63072000", "SECURE_HSTS_INCLUDE_SUBDOMAINS": "true",
+        "DATA_DIR": str(tmp_path),
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=APP_DIR, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+
+
 def test_postgresql_url_and_asgi_connection_lifetime():
     values = read_settings(
         {

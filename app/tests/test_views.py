@@ -60,6 +60,14 @@ def test_invalid_room_page_is_404(client, path):
     assert client.get(path).status_code == 404
 
 
+@pytest.mark.parametrize("path", ["/", "/chat/general/", "/healthz"])
+def test_head_is_answered_like_get(client, path):
+    get, head = client.get(path), client.head(path)
+    assert head.status_code == get.status_code == 200
+    assert head["Content-Type"] == get["Content-Type"]
+    assert head.content == b""
+
+
 def test_pages_refuse_post(client):
     assert client.post("/").status_code == 405
 

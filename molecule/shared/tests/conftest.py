@@ -8,6 +8,8 @@ clients (`edge`), the way a browser reaches the service.
 import json
 import os
 import shutil
+import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -16,37 +18,147 @@ import urllib.request
 import docker
 import pytest
 import testinfra.utils.ansible_runner
-from websockets.sync.client import connect
+from websockets.client import ClientProtocol
+from websockets.frames import Opcode
+from websockets.http11 import Response
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 REPO = os.environ["MOLECULE_PROJECT_DIRECTORY"]
 testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("all")
 
 
-class Edge:
-    """The service as a client sees it: Nginx on 127.0.0.1:<published port>."""
+class WebSocket:
+    """A WebSocket client on one thread, with websockets' sans-I/O protocol.
 
-    def __init__(self, port):
-        self.base = f"http://127.0.0.1:{port}"
-        self.ws_base = f"ws://127.0.0.1:{port}"
+    websockets' own sync client reads on a background thread while the
+    caller writes on the same TLS socket; through Nginx's TLS about one
+    handshake in 300 then never saw its 101 (Nginx logged it as sent) and
+    blocked for a minute. Reading and writing on one thread avoids that.
+    """
+
+    def __init__(self, url, origin, ssl_context, timeout):
+        uri = parse_uri(url)
+        self.protocol = ClientProtocol(uri, origin=origin)
+        self.pending = []
+        raw = socket.create_connection((uri.host, uri.port), timeout=timeout)
+        self.sock = ssl_context.wrap_socket(raw, server_hostname=uri.host) if uri.secure else raw
+        try:
+            self.protocol.send_request(self.protocol.connect())
+            self._flush()
+            deadline = time.monotonic() + timeout
+            while self.protocol.state is State.CONNECTING and self.protocol.handshake_exc is None:
+                self._read(deadline)
+            if self.protocol.handshake_exc is not None:
+                raise self.protocol.handshake_exc
+            # The handshake's Response is the first event; frames may follow it.
+            self.pending = [e for e in self.pending if not isinstance(e, Response)]
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _flush(self):
+        for data in self.protocol.data_to_send():
+            if data:
+                self.sock.sendall(data)
+
+    def _read(self, deadline):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no answer from the server in time")
+        self.sock.settimeout(remaining)
+        data = self.sock.recv(65536)
+        if data:
+            self.protocol.receive_data(data)
+        else:
+            self.protocol.receive_eof()
+        self.pending += self.protocol.events_received()
+        self._flush()
+        if not data and self.protocol.state is State.CONNECTING and self.protocol.handshake_exc is None:
+            raise ConnectionError("the server closed the connection during the handshake")
+
+    def send(self, text):
+        self.protocol.send_text(text.encode())
+        self._flush()
+
+    def recv(self, timeout=10):
+        """The next text or binary message; ConnectionClosed once the server closed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while self.pending:
+                frame = self.pending.pop(0)
+                if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
+                    return frame.data.decode() if frame.opcode is Opcode.TEXT else frame.data
+            if self.protocol.state is State.CLOSED or self.protocol.close_rcvd is not None:
+                raise self.protocol.close_exc
+            self._read(deadline)
+
+    def close(self):
+        try:
+            if self.protocol.state is State.OPEN:
+                self.protocol.send_close(1000)
+                self._flush()
+            deadline = time.monotonic() + 2
+            while self.protocol.state is not State.CLOSED and time.monotonic() < deadline:
+                self._read(deadline)
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Edge:
+    """The service as a client sees it: Nginx's https on 127.0.0.1:<published port>.
+
+    Clients use the name localhost (which resolves to 127.0.0.1 only here):
+    a client sends no SNI for an IP address, and the catch-all server refuses
+    a TLS handshake without a name. The host's certificate is trusted by
+    pinning it (`cadata`), so name and chain are still verified.
+    """
+
+    def __init__(self, http_port, tls_port, certificate_pem):
+        self.http_port, self.tls_port = int(http_port), int(tls_port)
+        self.base = f"https://localhost:{tls_port}"
+        self.ws_base = f"wss://localhost:{tls_port}"
+        self.http_base = f"http://localhost:{http_port}"
+        self.certificate_pem = certificate_pem
+        self.ssl = self.ssl_context()
         # AllowedHostsOriginValidator answers a handshake without a matching
         # Origin with 403, so clients send the site's own origin.
         self.origin = self.base
+        self._opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=self.ssl))
+
+    def ssl_context(self):
+        """A fresh client context that trusts the host's certificate only."""
+        return ssl.create_default_context(cadata=self.certificate_pem)
+
+    def request(self, url, method="GET", headers=None, timeout=10):
+        """One request to a full URL; returns (status, headers, body), no exception on 4xx/5xx."""
+        req = urllib.request.Request(url, method=method, headers=headers or {})
+        try:
+            with self._opener.open(req, timeout=timeout) as response:
+                return response.status, response.headers, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.headers, error.read().decode()
 
     def get(self, path, timeout=10):
-        """GET path; returns (status, body) without raising on 4xx/5xx."""
-        try:
-            with urllib.request.urlopen(self.base + path, timeout=timeout) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
+        """GET path over https; returns (status, body) without raising on 4xx/5xx."""
+        status, _, body = self.request(self.base + path, timeout=timeout)
+        return status, body
 
     def get_json(self, path):
         status, body = self.get(path)
         return status, json.loads(body)
 
     def websocket(self, path, origin=None, timeout=10):
-        return connect(self.ws_base + path, origin=origin or self.origin, open_timeout=timeout)
+        return WebSocket(self.ws_base + path, origin or self.origin, self.ssl, timeout)
 
     def receive(self, ws, timeout=10):
         return json.loads(ws.recv(timeout=timeout))
@@ -77,14 +189,16 @@ class Edge:
                 time.sleep(1)
 
 
-def _published_port(container_name):
+def _published_port(container_name, port):
     container = docker.from_env().containers.get(container_name)
-    return container.ports["80/tcp"][0]["HostPort"]
+    return container.ports[port][0]["HostPort"]
 
 
 @pytest.fixture(scope="module")
 def edge(host):
-    return Edge(_published_port(host.backend.get_hostname()))
+    name = host.backend.get_hostname()
+    certificate = host.file("/etc/nginx/tls/chat.crt").content_string
+    return Edge(_published_port(name, "80/tcp"), _published_port(name, "443/tcp"), certificate)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,95 @@
+"""Nginx hardening: headers, HEAD, validated config, per-client limits, its sandbox."""
+
+import json
+import re
+import time
+import uuid
+
+import pytest
+from websockets.exceptions import InvalidStatus
+
+CSP = "default-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'"
+
+
+def exposure(host, unit):
+    out = host.check_output(f"systemd-analyze security --no-pager {unit}")
+    return float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out).group(1))
+
+
+def test_exposure_scores(host, daphne_instances):
+    """Prints systemd's scores (0 locked down, 10 exposed) and holds Nginx to 3.0."""
+    units = ["nginx.service", "redis-server.service", "chat-gunicorn.service"]
+    units += [f"chat-daphne@{n}.service" for n in daphne_instances]
+    scores = {unit: exposure(host, unit) for unit in units}
+    for unit, score in scores.items():
+        print(f"systemd-analyze security {unit}: {score}")
+    assert scores["nginx.service"] <= 3.0
+
+
+def test_nginx_runs_with_few_capabilities(host):
+    props = host.check_output("systemctl show nginx -p CapabilityBoundingSet -p NoNewPrivileges -p ProtectSystem")
+    assert "NoNewPrivileges=yes" in props and "ProtectSystem=strict" in props
+    caps = set(re.search(r"CapabilityBoundingSet=(.*)", props).group(1).split())
+    assert caps == {"cap_chown", "cap_dac_override", "cap_kill", "cap_setgid", "cap_setuid",
+                    "cap_net_bind_service"}, caps
+
+
+@pytest.fixture(scope="module")
+def static_path(host):
+    manifest = json.loads(host.check_output("cat /srv/chat/current/staticfiles/staticfiles.json"))
+    return "/static/" + next(iter(manifest["paths"].values()))
+
+
+@pytest.mark.parametrize("path", ["/", "/chat/headers/", "/healthz", "/no-such-page/", "static"])
+def test_security_headers_on_every_response(edge, static_path, path):
+    path = static_path if path == "static" else path
+    _, headers, _ = edge.request(edge.base + path)
+    assert headers.get_all("Content-Security-Policy") == [CSP], path
+    assert headers["Permissions-Policy"].startswith("camera=()"), path
+    assert headers.get_all("X-Content-Type-Options") == ["nosniff"], path
+
+
+@pytest.mark.parametrize("path", ["/", "/chat/head-check/", "/healthz"])
+def test_head_is_answered_like_get(edge, path):
+    get_status, get_headers, _ = edge.request(edge.base + path)
+    head_status, head_headers, body = edge.request(edge.base + path, method="HEAD")
+    assert head_status == get_status == 200, path
+    assert head_headers["Content-Type"] == get_headers["Content-Type"]
+    assert body == ""
+
+
+def test_a_bad_config_is_refused_before_it_is_written(host):
+    """What Ansible's validate: runs: the candidate is checked in its place."""
+    site = "/etc/nginx/sites-enabled/chat.conf"
+    before = host.check_output(f"sha256sum < {site}")
+    host.run_expect([0], "printf 'server { listen 443 ssl; bogus_directive on; }\\n' > /tmp/bad-site.conf")
+    host.run_expect([0], f"cp {site} /tmp/good-site.conf")
+    try:
+        bad = host.run(f"/usr/local/sbin/chat-nginx-check /tmp/bad-site.conf {site}")
+        good = host.run(f"/usr/local/sbin/chat-nginx-check /tmp/good-site.conf {site}")
+    finally:
+        host.run("rm -f /tmp/bad-site.conf /tmp/good-site.conf")
+    assert bad.rc != 0 and "bogus_directive" in bad.stderr, bad.stderr
+    assert good.rc == 0, good.stderr
+    assert host.check_output(f"sha256sum < {site}") == before
+    assert host.run("nginx -t").rc == 0
+
+
+def test_a_flood_of_handshakes_from_one_address_is_limited(edge):
+    """Handshakes beyond the rate (10/s) and burst (40) get 429 from Nginx."""
+    statuses = []
+    room = f"/ws/chat/flood-{uuid.uuid4().hex[:8]}/"
+    for _ in range(80):
+        try:
+            with edge.websocket(room, timeout=10) as ws:
+                assert edge.receive(ws)["type"] == "history"
+            statuses.append(101)
+        except InvalidStatus as refused:
+            statuses.append(refused.response.status_code)
+    # Let the bucket refill, so later tests start with the full burst.
+    time.sleep(6)
+    print(f"80 handshakes in a row: {statuses.count(101)} accepted, {statuses.count(429)} got 429")
+    assert set(statuses) == {101, 429}, statuses
+    assert statuses.count(101) >= 40
+    with edge.websocket(room) as ws:  # the bucket has refilled
+        assert edge.receive(ws)["type"] == "history"

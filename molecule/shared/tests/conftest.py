@@ -236,6 +236,15 @@ def playbook_env(**extra):
             "ANSIBLE_CALLBACK_RESULT_FORMAT": "json", **extra}
 
 
+def inventory_value(host_name, variable):
+    """A variable as Ansible resolves it for host_name (secrets decrypted from a vault)."""
+    result = subprocess.run(
+        ["ansible", host_name, "-i", INVENTORY, "-m", "ansible.builtin.debug", "-a", f"var={variable}"],
+        cwd=REPO, env=playbook_env(ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="json"),
+        capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(result.stdout)["plays"][0]["tasks"][0]["hosts"][host_name][variable]
+
+
 def run_playbook(playbook, *args, timeout=900, env=None):
     """ansible-playbook against the scenario's hosts, as Molecule's converge runs it.
 

@@ -1,10 +1,10 @@
 """Redis users: the app's may run only what the channel layer needs, `default` is off."""
 
-import os
-import pathlib
 import re
 
 import pytest
+
+from conftest import inventory_value
 
 
 @pytest.fixture(scope="module")
@@ -15,10 +15,9 @@ def app_url(host):
 
 
 @pytest.fixture(scope="module")
-def admin_password():
-    """Generated on the controller for Molecule (the local inventory's lookup)."""
-    path = pathlib.Path(os.environ["CHAT_SECRETS_DIR"]) / "redis_admin_password"
-    return path.read_text().strip()
+def admin_password(host):
+    """As the inventory resolves it: a generated secret (local) or the vault's (ssh)."""
+    return inventory_value(host.backend.get_hostname(), "chat_redis_admin_password")
 
 
 def redis(host, url, *command):

@@ -4,7 +4,7 @@ import json
 import uuid
 
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 
 def test_lobby_page_loads(edge):
@@ -61,3 +61,14 @@ def test_static_files_served_by_nginx(edge, host):
     hashed = next(iter(manifest["paths"].values()))
     status, _ = edge.get(f"/static/{hashed}")
     assert status == 200
+
+
+def test_a_64_kib_message_is_refused_before_it_is_parsed(edge):
+    room = f"verify-{uuid.uuid4().hex[:8]}"
+    with edge.websocket(f"/ws/chat/{room}/") as ws:
+        assert edge.receive(ws)["type"] == "history"
+        ws.send(json.dumps({"type": "message", "nickname": "big", "body": "x" * 65536}))
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+    # 1009: message too big (Daphne's --websocket-max-message-size).
+    assert closed.value.rcvd.code == 1009

@@ -29,7 +29,7 @@ def venv_of(host, release):
 
 def assert_no_failed_request(counts):
     assert counts.http_failed == [], f"{len(counts.http_failed)} failed requests: {counts.http_failed[:5]}"
-    assert counts.http_ok > 50, "the load did not run"
+    assert counts.http_ok > 20, "the load did not run"
 
 
 def assert_gentle_reconnects(counts):

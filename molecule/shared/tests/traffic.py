@@ -29,11 +29,15 @@ class Counts:
 
 
 class Traffic:
-    def __init__(self, edge, room, http_clients=4, http_interval=0.05, sockets=50,
-                 max_seconds=600, path="/healthz"):
+    # The defaults stay inside Nginx's per-address limits (the clients all
+    # come from one address): 4 x 4 requests/s against 20/s for pages, and
+    # sockets opened at 8/s against 10 handshakes/s.
+    def __init__(self, edge, room, http_clients=4, http_interval=0.25, sockets=50,
+                 max_seconds=600, path="/healthz", opens_per_second=8):
         self.edge, self.room, self.path = edge, room, path
         self.http_clients, self.http_interval = http_clients, http_interval
         self.sockets, self.max_seconds = sockets, max_seconds
+        self.opens_per_second = opens_per_second
         self.counts = Counts()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -60,8 +64,9 @@ class Traffic:
             time.sleep(self.http_interval)
 
     # --- WebSockets ---
-    async def _client(self, deadline):
+    async def _client(self, deadline, start_after):
         url = f"{self.edge.ws_base}/ws/chat/{self.room}/"
+        await asyncio.sleep(start_after)
         closed = None  # (close code, when) of the last drop, until the next open
         first = True
         while not self._stop.is_set() and time.monotonic() < deadline:
@@ -97,7 +102,8 @@ class Traffic:
     def _room(self):
         async def run():
             deadline = time.monotonic() + self.max_seconds
-            await asyncio.gather(*(self._client(deadline) for _ in range(self.sockets)))
+            await asyncio.gather(*(self._client(deadline, n / self.opens_per_second)
+                                   for n in range(self.sockets)))
 
         asyncio.run(run())
 

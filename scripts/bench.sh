@@ -196,7 +196,14 @@ run() {
 }
 
 case "${1:-run}" in
-  run) shift || true; run "$@" ;;
+  run)
+    # The load generator and wrk speak plain http to port 80, which the
+    # https edge now only redirects: measuring that would be measuring
+    # redirects. Port them to TLS on 443 first (issue 10 stays open for it).
+    [ -n "${CHAT_BENCH_ALLOW_PLAIN_HTTP:-}" ] || die "make bench is not yet ported to the https edge \
+(port 80 only redirects since HTTPS landed): the load generator and wrk must speak TLS on 443 first. \
+The results measured before that are in bench/results/."
+    shift || true; run "$@" ;;
   compare)
     [ "$#" -eq 3 ] || die "usage: $0 compare RESULTS_A RESULTS_B"
     ensure_bench_venv

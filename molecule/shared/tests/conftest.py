@@ -240,7 +240,9 @@ def inventory_value(host_name, variable):
     """A variable as Ansible resolves it for host_name (secrets decrypted from a vault)."""
     result = subprocess.run(
         ["ansible", host_name, "-i", INVENTORY, "-m", "ansible.builtin.debug", "-a", f"var={variable}"],
-        cwd=REPO, env=playbook_env(ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="json"),
+        # JSON alone on stdout: no other callback (the scenario's timers) prints there.
+        cwd=REPO, env=playbook_env(ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="json",
+                                   ANSIBLE_CALLBACKS_ENABLED=""),
         capture_output=True, text=True, timeout=120, check=True)
     return json.loads(result.stdout)["plays"][0]["tasks"][0]["hosts"][host_name][variable]
 

@@ -240,11 +240,11 @@ def inventory_value(host_name, variable):
     """A variable as Ansible resolves it for host_name (secrets decrypted from a vault)."""
     result = subprocess.run(
         ["ansible", host_name, "-i", INVENTORY, "-m", "ansible.builtin.debug", "-a", f"var={variable}"],
-        # JSON alone on stdout: no other callback (the scenario's timers) prints there.
-        cwd=REPO, env=playbook_env(ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="json",
-                                   ANSIBLE_CALLBACKS_ENABLED=""),
+        cwd=REPO, env=playbook_env(ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="json"),
         capture_output=True, text=True, timeout=120, check=True)
-    return json.loads(result.stdout)["plays"][0]["tasks"][0]["hosts"][host_name][variable]
+    # The scenario's timer callbacks print after the JSON document: read it alone.
+    document, _ = json.JSONDecoder().raw_decode(result.stdout[result.stdout.index("{"):])
+    return document["plays"][0]["tasks"][0]["hosts"][host_name][variable]
 
 
 def run_playbook(playbook, *args, timeout=900, env=None):

@@ -29,6 +29,14 @@ def run_site(inventory, *extra):
     return result.returncode, result.stdout + result.stderr
 
 
+def assert_refused_before_any_change(rc, output, *reasons):
+    """The run failed, said each reason, and no play that changes a host began."""
+    assert rc != 0
+    for reason in reasons:
+        assert reason in output, output[-3000:]
+    assert FIRST_CHANGING_PLAY not in output
+
+
 def write_inventory(tmp_path, groups, extra_vars=""):
     """An inventory of one local host (the controller) in the given groups."""
     children = "".join(f"    {group}:\n      hosts:\n        probe:\n" for group in groups)
@@ -54,18 +62,13 @@ def test_environment_without_vault_stops_before_any_host(environment):
     vault = REPO / "inventories" / environment / "group_vars" / "all" / "vault.yml"
     assert not vault.exists(), f"{vault} exists; this test needs it absent"
     rc, output = run_site(REPO / "inventories" / environment)
-    assert rc != 0
-    assert "vault.yml is missing" in output
-    assert "ansible-vault encrypt" in output
+    assert_refused_before_any_change(rc, output, "vault.yml is missing", "ansible-vault encrypt")
     assert "Gathering Facts" not in output, "preflight contacted a host"
-    assert FIRST_CHANGING_PLAY not in output
 
 
 def test_missing_tier_is_refused(tmp_path):
     rc, output = run_site(write_inventory(tmp_path, ["web", "app"]))
-    assert rc != 0
-    assert "no host in group 'redis'" in output
-    assert FIRST_CHANGING_PLAY not in output
+    assert_refused_before_any_change(rc, output, "no host in group 'redis'")
 
 
 def test_web_host_outside_app_is_refused(tmp_path):
@@ -73,9 +76,7 @@ def test_web_host_outside_app_is_refused(tmp_path):
     (tmp_path / "hosts.yml").write_text(
         (tmp_path / "hosts.yml").read_text() + "    app:\n      hosts:\n        other:\n")
     rc, output = run_site(inventory)
-    assert rc != 0
-    assert "are not in group 'app'" in output
-    assert FIRST_CHANGING_PLAY not in output
+    assert_refused_before_any_change(rc, output, "are not in group 'app'")
 
 
 @pytest.mark.parametrize(("variable", "value"), [
@@ -88,9 +89,7 @@ def test_web_host_outside_app_is_refused(tmp_path):
 def test_short_or_unsafe_secret_is_refused(tmp_path, variable, value):
     inventory = write_inventory(tmp_path, ["web", "app", "redis"])
     rc, output = run_site(inventory, "-e", json.dumps({variable: value}))
-    assert rc != 0
-    assert "lacks chat_secret_key" in output
-    assert FIRST_CHANGING_PLAY not in output
+    assert_refused_before_any_change(rc, output, "lacks chat_secret_key")
 
 
 def vault_inventory(tmp_path, encrypted):
@@ -114,9 +113,7 @@ def vault_inventory(tmp_path, encrypted):
 def test_vault_in_clear_is_refused(tmp_path):
     inventory, options = vault_inventory(tmp_path, encrypted=False)
     rc, output = run_site(inventory, *options)
-    assert rc != 0
-    assert "vault.yml is not encrypted" in output
-    assert FIRST_CHANGING_PLAY not in output
+    assert_refused_before_any_change(rc, output, "vault.yml is not encrypted")
 
 
 def test_encrypted_vault_passes_preflight(tmp_path):
@@ -133,17 +130,13 @@ def test_encrypted_vault_passes_preflight(tmp_path):
 ], ids=["unknown-source", "provided-without-pem", "provided-not-pem"])
 def test_certificate_source_is_checked(tmp_path, extra):
     rc, output = run_site(write_inventory(tmp_path, ["web", "app", "redis"]), "-e", json.dumps(extra))
-    assert rc != 0
-    assert "chat_tls_certificate_source is" in output
-    assert FIRST_CHANGING_PLAY not in output
+    assert_refused_before_any_change(rc, output, "chat_tls_certificate_source is")
 
 
 def test_self_signed_certificate_is_refused_where_there_is_a_vault(tmp_path):
     inventory, options = vault_inventory(tmp_path, encrypted=True)
     rc, output = run_site(inventory, *options, "-e", "chat_tls_certificate_source=self_signed")
-    assert rc != 0
-    assert "cannot use self_signed" in output
-    assert FIRST_CHANGING_PLAY not in output
+    assert_refused_before_any_change(rc, output, "cannot use self_signed")
 
 
 @pytest.mark.parametrize(("variable", "value", "complaint"), [
@@ -155,10 +148,7 @@ def test_self_signed_certificate_is_refused_where_there_is_a_vault(tmp_path):
 def test_wrong_variable_is_refused_before_any_change(tmp_path, variable, value, complaint):
     inventory = write_inventory(tmp_path, ["web", "app", "redis"], f"{variable}: {value}\n")
     rc, output = run_site(inventory)
-    assert rc != 0
-    assert complaint in output
-    assert "Validate role variables" in output
-    assert FIRST_CHANGING_PLAY not in output
+    assert_refused_before_any_change(rc, output, complaint, "Validate role variables")
 
 
 def test_good_inventory_passes_preflight(tmp_path):

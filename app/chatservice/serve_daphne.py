@@ -36,22 +36,13 @@ from daphne.cli import CommandLineInterface
 from daphne.server import Server
 from twisted.internet import defer, reactor, task, tcp, unix
 
+from .env import env_float, env_int
+
 CLOSE_SERVICE_RESTART = 1012
 DEFAULT_BACKLOG = 2048
 DEFAULT_CLOSE_GRACE = 2.0
-
-
-def _env_number(name, default, convert):
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = convert(raw)
-    except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not a number") from None
-    if value <= 0:
-        raise SystemExit(f"{name}={raw!r} must be greater than 0")
-    return value
+# How often the stop checks whether the clients have answered the close.
+CLOSE_POLL_SECONDS = 0.05
 
 
 def notify_systemd(state):
@@ -120,12 +111,12 @@ def close_websockets(server, grace, clock=reactor):
 
     poller = task.LoopingCall(wait)
     poller.clock = clock
-    return poller.start(0.05, now=False).addCallback(lambda _: len(sockets))
+    return poller.start(CLOSE_POLL_SECONDS, now=False).addCallback(lambda _: len(sockets))
 
 
 def main():
-    backlog = _env_number("CHAT_LISTEN_BACKLOG", DEFAULT_BACKLOG, int)
-    grace = _env_number("CHAT_CLOSE_GRACE", DEFAULT_CLOSE_GRACE, float)
+    backlog = env_int("CHAT_LISTEN_BACKLOG", DEFAULT_BACKLOG, minimum=1)
+    grace = env_float("CHAT_CLOSE_GRACE", DEFAULT_CLOSE_GRACE, minimum=CLOSE_POLL_SECONDS)
     adopt_unix_sockets_as_systemds(backlog)
 
     original_run = Server.run

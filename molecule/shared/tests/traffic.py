@@ -7,7 +7,6 @@ loop ends when the block ends or at `max_seconds`, whichever comes first.
 """
 
 import asyncio
-import contextlib
 import json
 import random
 import threading
@@ -121,8 +120,7 @@ class Traffic:
 
     def __exit__(self, *exc):
         # A last moment of traffic after the change, then stop.
-        with contextlib.suppress(Exception):
-            time.sleep(1)
+        time.sleep(1)
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=30)

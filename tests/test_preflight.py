@@ -37,7 +37,7 @@ def assert_refused_before_any_change(rc, output, *reasons):
     assert FIRST_CHANGING_PLAY not in output
 
 
-def write_inventory(tmp_path, groups, extra_vars=""):
+def write_inventory(tmp_path, groups, extra_vars="", certificate_source="self_signed"):
     """An inventory of one local host (the controller) in the given groups."""
     children = "".join(f"    {group}:\n      hosts:\n        probe:\n" for group in groups)
     (tmp_path / "hosts.yml").write_text(
@@ -48,6 +48,9 @@ def write_inventory(tmp_path, groups, extra_vars=""):
         "    chat_secret_key: " + "k" * 50 + "\n"
         "    chat_redis_password: " + "p" * 32 + "\n"
         "    chat_redis_admin_password: " + "a" * 32 + "\n"
+        "    chat_server_name: chat.test\n"
+        "    chat_public_origins: ['https://chat.test']\n"
+        "    chat_tls_certificate_source: " + certificate_source + "\n"
         + textwrap.indent(extra_vars, "    ")
         + "  children:\n" + children
     )
@@ -101,13 +104,11 @@ def vault_inventory(tmp_path, encrypted):
     if encrypted:
         subprocess.run(["ansible-vault", "encrypt", "--vault-password-file", str(password), str(vault)],
                        check=True, capture_output=True, timeout=60)
-    inventory = write_inventory(tmp_path, ["web", "app", "redis"], f"chat_vault_file: {vault}\n")
-    # Extra vars: group_vars/all (the shared defaults) outrank the
-    # inventory file's own `all` vars.
-    certificate = json.dumps({"chat_tls_certificate_source": "provided",
-                              "chat_tls_certificate": "-----BEGIN CERTIFICATE-----",
-                              "chat_tls_key": "-----BEGIN PRIVATE KEY-----"})
-    return inventory, ["--vault-password-file", str(password), "-e", certificate]
+    certificate = ("chat_tls_certificate: '-----BEGIN CERTIFICATE-----'\n"
+                   "chat_tls_key: '-----BEGIN PRIVATE KEY-----'\n")
+    inventory = write_inventory(tmp_path, ["web", "app", "redis"], f"chat_vault_file: {vault}\n" + certificate,
+                                certificate_source="provided")
+    return inventory, ["--vault-password-file", str(password)]
 
 
 def test_vault_in_clear_is_refused(tmp_path):
@@ -156,6 +157,33 @@ def test_good_inventory_passes_preflight(tmp_path):
     inventory = write_inventory(tmp_path, ["web", "app", "redis"])
     rc, output = run_site(inventory, "--tags", "never")
     assert rc == 0, output[-3000:]
+
+
+@pytest.mark.parametrize("setting", [
+    "chat_user: somebody",                 # a constant of the shared file
+    "daphne_instances: 8",                 # wiring: group_vars/app/ is the place
+])
+def test_inventory_setting_the_shared_file_would_override_is_refused(tmp_path, setting):
+    """group_vars/all.yml outranks the inventory's group 'all' at playbook
+    level: a value set there would be dropped without a word, so it is refused."""
+    inventory = write_inventory(tmp_path, ["web", "app", "redis"])
+    (tmp_path / "group_vars" / "all" / "site.yml").write_text(f"---\n{setting}\n")
+    rc, output = run_site(inventory)
+    assert_refused_before_any_change(rc, output, "which group_vars/all.yml also sets", setting.split(":")[0])
+
+
+def test_inventory_without_site_name_is_refused(tmp_path):
+    inventory = write_inventory(tmp_path, ["web", "app", "redis"])
+    hosts = tmp_path / "hosts.yml"
+    hosts.write_text(hosts.read_text().replace("    chat_server_name: chat.test\n", ""))
+    rc, output = run_site(inventory)
+    assert_refused_before_any_change(rc, output, "lacks chat_server_name")
+
+
+def test_http_origin_is_refused(tmp_path):
+    inventory = write_inventory(tmp_path, ["web", "app", "redis"])
+    rc, output = run_site(inventory, "-e", json.dumps({"chat_public_origins": ["http://chat.test"]}))
+    assert_refused_before_any_change(rc, output, "one or more https:// origins")
 
 
 @pytest.mark.parametrize("environment", ["local", "staging", "production"])

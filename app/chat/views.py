@@ -1,5 +1,6 @@
 from django.conf import settings
 from django.core.handlers.asgi import ASGIRequest
+from django.db import connection
 from django.http import Http404, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
@@ -60,6 +61,8 @@ def healthz(request):
         "release": settings.RELEASE,
         # From the request class, so it reports the server actually in front.
         "interface": "asgi" if isinstance(request, ASGIRequest) else "wsgi",
+        # sqlite or postgresql: which database this deployment runs on.
+        "database": connection.vendor,
         "checks": checks,
     }
     return JsonResponse(payload, status=200 if healthy else 503)

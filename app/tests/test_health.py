@@ -19,6 +19,7 @@ def test_healthz_ok_under_wsgi(client, settings):
         "status": "ok",
         "release": "20240101-abc",
         "interface": "wsgi",
+        "database": connection.vendor,  # sqlite, or postgresql under DATABASE_URL=postgres://
         "checks": {"database": "ok", "redis": "ok"},
     }
     assert "no-cache" in response["Cache-Control"]

@@ -108,6 +108,7 @@ def test_gunicorn_health_says_wsgi(servers):
         "status": "ok",
         "release": RELEASE,
         "interface": "wsgi",
+        "database": "sqlite",  # the servers here run on a SQLite file
         "checks": {"database": "ok", "redis": "ok"},
     }
 

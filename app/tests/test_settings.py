@@ -116,6 +116,24 @@ def test_proxy_and_database_settings_from_the_environment(tmp_path):
     assert values["RELEASE"] == "20250101T000000"
 
 
+@pytest.mark.parametrize("interface", ["wsgi", "asgi"])
+def test_postgresql_gets_a_connection_pool_per_process(interface):
+    """Under both servers a PostgreSQL connection is borrowed from a pool, not
+    opened per request or per message; Django refuses a pool with persistent
+    connections, so those are off."""
+    values = read_settings(
+        {"SECRET_KEY": "k", "CHAT_INTERFACE": interface, "DATABASE_POOL_SIZE": "6",
+         "DATABASE_URL": "postgres://chat:pw@db.internal:5432/chat"},
+        "DATABASES",
+    )
+    database = values["DATABASES"]["default"]
+    assert database["ENGINE"] == "django.db.backends.postgresql"
+    assert (database["HOST"], database["PORT"], database["NAME"], database["USER"]) == (
+        "db.internal", 5432, "chat", "chat")
+    assert database["CONN_MAX_AGE"] == 0
+    assert database["OPTIONS"]["pool"] == {"min_size": 1, "max_size": 6, "timeout": 10}
+
+
 def test_https_settings_default_off_and_come_from_the_environment():
     names = ("SECURE_SSL_REDIRECT", "SECURE_HSTS_SECONDS", "SECURE_HSTS_INCLUDE_SUBDOMAINS",
              "SECURE_HSTS_PRELOAD", "SILENCED_SYSTEM_CHECKS")

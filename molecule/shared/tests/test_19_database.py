@@ -1,0 +1,96 @@
+"""The database: PostgreSQL where the inventory has a host in group `db`
+(the ssh scenario, as staging and production), SQLite otherwise (the
+default scenario, as the local demo). /healthz says which."""
+
+import json
+import re
+import time
+import uuid
+
+import pytest
+
+from conftest import inventory_value
+
+
+@pytest.fixture(scope="module")
+def on_postgresql(host):
+    return "db" in host.ansible.get_variables()["group_names"]
+
+
+@pytest.fixture(scope="module")
+def postgresql(host, on_postgresql):
+    if not on_postgresql:
+        pytest.skip("no host in group db: the app keeps SQLite")
+    major = host.check_output("ls /etc/postgresql")
+    return {"unit": f"postgresql@{major}-main", "version": major}
+
+
+def psql(host, sql):
+    """One query as the postgres system user (peer authentication); its rows."""
+    return host.check_output("runuser -u postgres -- psql -XAtq -d chat -c %s", sql)
+
+
+def test_healthz_names_the_database(edge, on_postgresql):
+    status, body = edge.get_json("/healthz")
+    assert status == 200
+    assert body["database"] == ("postgresql" if on_postgresql else "sqlite")
+
+
+def test_debian_postgresql_runs_and_starts_at_boot(host, postgresql):
+    release = host.system_info.release.split(".")[0]
+    assert postgresql["version"] == {"12": "15", "13": "17"}[release]
+    unit = host.service(postgresql["unit"])
+    assert unit.is_running and unit.is_enabled
+
+
+def test_postgresql_listens_on_loopback_only(host, postgresql):
+    listening = host.check_output("ss -Htln 'sport = :5432'")
+    addresses = {line.split()[3].rsplit(":", 1)[0] for line in listening.splitlines()}
+    assert addresses == {"127.0.0.1"}
+
+
+def app_url(host):
+    env = host.check_output("cat /srv/chat/shared/chat.env")
+    return re.search(r"^DATABASE_URL='([^']+)'", env, re.MULTILINE).group(1)
+
+
+def test_only_the_app_role_logs_in_with_its_password(host, postgresql):
+    url = app_url(host)
+    assert host.run("psql -XAtq %s -c 'select 1'", url).stdout.strip() == "1"
+    wrong = host.run("psql -XAtq %s -c 'select 1'", re.sub(r":[^:@/]+@", ":wrong-password@", url))
+    assert wrong.rc != 0 and "password authentication failed" in wrong.stderr
+    # The superuser has no password and no TCP rule: peer on the socket only.
+    superuser = host.run("PGPASSWORD=x psql -XAtq -h 127.0.0.1 -U postgres -d chat -c 'select 1'")
+    assert superuser.rc != 0 and "no pg_hba.conf entry" in superuser.stderr
+    assert psql(host, "select rolpassword like 'SCRAM-SHA-256$%' from pg_authid where rolname = 'chat'") == "t"
+
+
+def test_the_password_is_the_inventorys(host, postgresql):
+    password = inventory_value(host.backend.get_hostname(), "chat_db_password")
+    assert f":{password}@127.0.0.1:5432/chat" in app_url(host)
+
+
+def test_messages_are_stored_in_postgresql_over_pooled_connections(host, edge, postgresql):
+    """Messages through Nginx and Daphne land in PostgreSQL, and the app's
+    connections stay within its pools: a message is not a connection."""
+    room = f"pg-{uuid.uuid4().hex[:8]}"
+    sent = 30
+    with edge.websocket(f"/ws/chat/{room}/") as ws:
+        assert edge.receive(ws)["type"] == "history"
+        seen = set()
+        for n in range(sent):
+            ws.send(json.dumps({"type": "message", "nickname": "pg", "body": f"stored {n}"}))
+            # Under the per-socket rate limit (10 a second).
+            time.sleep(0.12)
+        while len(seen) < sent:
+            frame = edge.receive(ws)
+            assert frame["type"] in ("message", "batch"), frame
+            seen.update(m["seq"] for m in frame.get("messages", [frame]))
+    assert seen == set(range(1, sent + 1))
+    stored = psql(host, "select count(*) from chat_message m join chat_room r on r.id = m.room_id "
+                        f"where r.name = '{room}'")
+    assert int(stored) == sent
+    connections = int(psql(host, "select count(*) from pg_stat_activity where usename = 'chat'"))
+    # Each app process (Gunicorn's workers, each Daphne) has a pool of at most 4.
+    processes = int(host.check_output("pgrep -c -u chat"))
+    assert 0 < connections <= 4 * processes, (connections, processes)

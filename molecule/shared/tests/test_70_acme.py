@@ -72,11 +72,17 @@ def test_certificate_issued_by_pebble_and_served(host, site):
     assert host.check_output("readlink /etc/nginx/tls/chat.key") == f"{LIVE}/privkey.pem"
 
 
+def challenges_served(host):
+    """HTTP-01 tokens Nginx handed out on port 80 (the CA's fetches)."""
+    log = host.check_output("grep -F 'GET /.well-known/acme-challenge/' /var/log/nginx/access.log || true")
+    return [line for line in log.splitlines() if '" 200 ' in line]
+
+
 def test_the_ca_fetched_its_challenge_through_port_80(host):
     """pebble validated for real: it asked Nginx for the HTTP-01 token, and got it."""
-    log = host.check_output("grep -F 'GET /.well-known/acme-challenge/' /var/log/nginx/access.log || true")
-    print(log)
-    assert [line for line in log.splitlines() if '" 200 ' in line], log
+    served = challenges_served(host)
+    print("\n".join(served))
+    assert served
 
 
 def test_renewal_runs_from_certbots_timer(host):
@@ -91,7 +97,7 @@ def test_renewal_runs_from_certbots_timer(host):
 
 def test_forced_renewal_is_served_without_a_failed_request(host, site):
     """`certbot renew --force-renewal` under https load: every request answered, the new certificate served."""
-    before = live_certificate(host)
+    before, challenges_before = live_certificate(host), len(challenges_served(host))
     seen, failures, served = {}, [], [0]
     lock, stop = threading.Lock(), threading.Event()
 
@@ -138,6 +144,8 @@ def test_forced_renewal_is_served_without_a_failed_request(host, site):
            f"{seen.get(after, 0)} the new one")
     assert renewal.rc == 0, renewal.stdout + renewal.stderr
     assert after != before, "certbot did not replace the certificate"
+    # pebble reuses no authorisation here: the renewal was validated again.
+    assert len(challenges_served(host)) > challenges_before
     assert failures == [], failures[:10]
     assert seen.get(before, 0) > 0 and seen.get(after, 0) >= 8, {len(k): v for k, v in seen.items()}
     assert set(seen) == {before, after}

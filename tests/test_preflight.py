@@ -134,6 +134,27 @@ def test_certificate_source_is_checked(tmp_path, extra):
     assert_refused_before_any_change(rc, output, "chat_tls_certificate_source is")
 
 
+ACME = {"chat_tls_certificate_source": "acme", "chat_tls_acme_email": "ops@example.com"}
+
+
+@pytest.mark.parametrize(("extra", "shown"), [
+    ({"chat_tls_acme_email": ""}, "now ''"),
+    ({"chat_tls_acme_email": "ops at example.com"}, "now 'ops at example.com'"),
+    ({"chat_tls_acme_directory_url": "http://ca.example.com/directory"}, "now 'http://ca.example.com/directory'"),
+], ids=["acme-without-email", "acme-bad-email", "acme-plain-http-directory"])
+def test_acme_settings_are_checked(tmp_path, extra, shown):
+    rc, output = run_site(write_inventory(tmp_path, ["web", "app", "redis"]),
+                          "-e", json.dumps({**ACME, **extra}))
+    assert_refused_before_any_change(rc, output, "the acme certificate source needs", shown)
+
+
+def test_acme_settings_pass_preflight(tmp_path):
+    """The control for the test above."""
+    rc, output = run_site(write_inventory(tmp_path, ["web", "app", "redis"]), "-e", json.dumps(ACME),
+                          "--tags", "never")
+    assert rc == 0, output[-3000:]
+
+
 def test_self_signed_certificate_is_refused_where_there_is_a_vault(tmp_path):
     inventory, options = vault_inventory(tmp_path, encrypted=True)
     rc, output = run_site(inventory, *options, "-e", "chat_tls_certificate_source=self_signed")

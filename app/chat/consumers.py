@@ -37,6 +37,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_NOT_FOUND)
             return
         self.bucket = TokenBucket(settings.CHAT_RATE_PER_SECOND, settings.CHAT_RATE_BURST)
+        # Keepalive pings draw on a bucket of their own: a page's pings never
+        # cost it a message, and a flood of pings is still bounded.
+        self.ping_bucket = TokenBucket(settings.CHAT_RATE_PER_SECOND, settings.CHAT_RATE_BURST)
         self.hub = fanout.get_hub()
         # The hub hands back the room's recent history at the moment the socket
         # joined (read once per process, not per handshake); the subscriber
@@ -60,11 +63,18 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def receive(self, text_data=None, bytes_data=None):
         try:
-            if not self.bucket.allow():
+            try:
+                if text_data is None:
+                    raise ProtocolError("binary_not_supported", "send JSON in text frames")
+                frame, refused = parse_frame(text_data), None
+            except ProtocolError as error:
+                # A frame that is not valid still costs a token.
+                frame, refused = None, error
+            is_ping = frame is not None and frame["type"] == "ping"
+            if not (self.ping_bucket if is_ping else self.bucket).allow():
                 raise ProtocolError("rate_limited", "too many frames; slow down")
-            if text_data is None:
-                raise ProtocolError("binary_not_supported", "send JSON in text frames")
-            frame = parse_frame(text_data)
+            if refused is not None:
+                raise refused
             await getattr(self, f"handle_{frame['type']}")(frame)
         except ProtocolError as error:
             await self.send(text_data=_dumps(error.as_frame()))

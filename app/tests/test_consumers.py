@@ -161,14 +161,54 @@ async def test_rate_limit_refuses_frames_beyond_the_burst(join, room, settings):
     settings.CHAT_RATE_PER_SECOND = 20
     client, _ = await join(room)
     for _ in range(4):
-        await client.send_json_to({"type": "ping"})
+        await client.send_json_to({"type": "history", "since": 0})
     replies = [await client.receive_json_from(timeout=5) for _ in range(4)]
-    assert replies[:3] == [{"type": "pong"}] * 3
+    assert [reply["type"] for reply in replies[:3]] == ["history"] * 3
     assert replies[3]["type"] == "error" and replies[3]["code"] == "rate_limited"
     # The bucket refills at 20 per second: the connection recovers.
     await asyncio.sleep(0.1)
-    await client.send_json_to({"type": "ping"})
-    assert await client.receive_json_from(timeout=5) == {"type": "pong"}
+    await client.send_json_to({"type": "history", "since": 0})
+    assert (await client.receive_json_from(timeout=5))["type"] == "history"
+
+
+async def test_pings_do_not_count_against_the_message_rate(join, room, settings):
+    """The page pings every 25 s: those keepalives must never cost it a message."""
+    settings.CHAT_RATE_BURST = 2
+    settings.CHAT_RATE_PER_SECOND = 0.01
+    client, _ = await join(room)
+    for _ in range(2):
+        await client.send_json_to({"type": "ping"})
+        assert await client.receive_json_from(timeout=5) == {"type": "pong"}
+    # The pings spent nothing of the message bucket: both messages go through.
+    for body in ("one", "two"):
+        await send_message(client, body)
+        assert (await client.receive_json_from(timeout=5))["body"] == body
+    await send_message(client, "three")
+    assert (await client.receive_json_from(timeout=5))["code"] == "rate_limited"
+
+
+async def test_a_flood_of_pings_is_still_limited(join, room, settings):
+    settings.CHAT_RATE_BURST = 2
+    settings.CHAT_RATE_PER_SECOND = 0.01
+    client, _ = await join(room)
+    for _ in range(3):
+        await client.send_json_to({"type": "ping"})
+    replies = [await client.receive_json_from(timeout=5) for _ in range(3)]
+    assert replies[:2] == [{"type": "pong"}] * 2
+    assert replies[2]["code"] == "rate_limited"
+    # ...and that flood cost the message bucket nothing.
+    await send_message(client, "still allowed")
+    assert (await client.receive_json_from(timeout=5))["body"] == "still allowed"
+
+
+async def test_invalid_frames_count_against_the_rate(join, room, settings):
+    settings.CHAT_RATE_BURST = 1
+    settings.CHAT_RATE_PER_SECOND = 0.01
+    client, _ = await join(room)
+    await client.send_to(text_data="not json")
+    assert (await client.receive_json_from(timeout=5))["code"] == "invalid_json"
+    await client.send_to(text_data="not json either")
+    assert (await client.receive_json_from(timeout=5))["code"] == "rate_limited"
 
 
 async def test_rate_limited_message_is_not_stored(join, room, settings):

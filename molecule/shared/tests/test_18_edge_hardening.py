@@ -93,3 +93,41 @@ def test_a_flood_of_handshakes_from_one_address_is_limited(edge):
     assert statuses.count(101) >= 40
     with edge.websocket(room) as ws:  # the bucket has refilled
         assert edge.receive(ws)["type"] == "history"
+
+
+def test_sockets_held_open_by_one_address_are_limited(host, edge):
+    """One address may hold nginx_limit_ws_connections_per_address sockets; more get 429 from limit_conn.
+
+    The sockets are opened at 8 a second, inside the handshake rate (10/s), so
+    limit_req refuses none of them: every refusal is limit_conn's, which the
+    error log confirms.
+    """
+    site = host.check_output("cat /etc/nginx/sites-enabled/chat.conf")
+    limit = int(re.search(r"limit_conn chat_ws_connections (\d+);", site).group(1))
+    log_size = int(host.check_output("stat -c %s /var/log/nginx/error.log"))
+    room = f"/ws/chat/held-{uuid.uuid4().hex[:8]}/"
+    held, statuses = [], []
+    started = time.monotonic()
+    try:
+        for _ in range(limit + 10):
+            try:
+                ws = edge.websocket(room, timeout=10)
+                held.append(ws)
+                assert edge.receive(ws)["type"] == "history"
+                statuses.append(101)
+            except InvalidStatus as refused:
+                statuses.append(refused.response.status_code)
+            time.sleep(0.125)
+    finally:
+        for ws in held:
+            ws.close()
+    seconds = time.monotonic() - started
+    log = host.check_output(f"tail -c +{log_size + 1} /var/log/nginx/error.log")
+    print(f"{limit + 10} sockets held from one address in {seconds:.0f} s: "
+          f"{statuses.count(101)} accepted, {statuses.count(429)} got 429 (limit {limit})")
+    assert statuses == [101] * limit + [429] * 10, statuses
+    assert log.count('limiting connections by zone "chat_ws_connections"') == 10, log[-2000:]
+    assert "limiting requests" not in log
+    # Closed sockets free their places.
+    with edge.websocket(room) as ws:
+        assert edge.receive(ws)["type"] == "history"

@@ -180,6 +180,9 @@ LOGGING = {
             "format": "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
         },
     },
+    "filters": {
+        "fold_connection_errors": {"()": "chatservice.logformat.FoldConnectionErrors"},
+    },
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
@@ -191,5 +194,9 @@ LOGGING = {
     "loggers": {
         # Django's own handlers would print a second, multi-line copy of errors.
         "django": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        # Its pub/sub reader logs a traceback per failed read while Redis is
+        # away. A logger's filters see only its own records, hence each module.
+        "channels_redis.pubsub": {"level": LOG_LEVEL, "filters": ["fold_connection_errors"]},
+        "channels_redis.core": {"level": LOG_LEVEL, "filters": ["fold_connection_errors"]},
     },
 }

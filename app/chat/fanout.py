@@ -27,7 +27,11 @@ What the hub guarantees to each socket:
   itself comes back. Then it joins its groups again (Redis kept nothing), reads
   from the database whatever the other processes stored meanwhile, and
   publishes its list, oldest first. Rooms not yet open in the process cannot
-  be joined meanwhile (`LayerUnavailable`).
+  be joined meanwhile (`LayerUnavailable`). A restart can go unnoticed by the
+  layer (redis-py reconnects by itself) while it empties Redis of the core
+  layer's group memberships, so a watchdog asks Redis for its run id every
+  `WATCH_INTERVAL` seconds while the hub reads: a new id, or no answer, starts
+  the same recovery.
 - **A bounded backlog per socket.** A socket whose sends do not keep up queues
   at most `SOCKET_BACKLOG` messages. Beyond that its queue is dropped and it
   gets `{"type": "behind", "since": S, "until": U}`: messages S+1..U were not
@@ -42,9 +46,12 @@ import random
 import time
 import uuid
 
+import redis.asyncio
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from chatservice.env import env_float, env_int
 
@@ -65,6 +72,8 @@ RECOVER_PAUSE = 0.25
 RECOVER_PAUSE_MAX = 2.0
 # Seconds a probe waits for its own message to come back through the layer.
 PROBE_TIMEOUT = 2.0
+# Seconds between the watchdog's questions to Redis (one INFO per process).
+WATCH_INTERVAL = 1.0
 # Matches CHAT_HISTORY_PAGE: one database read fills up to this many missing.
 FILL_PAGE = 200
 # Most posts stored in one transaction.
@@ -240,8 +249,11 @@ class _Room:
 class Hub:
     """One per event loop and channel layer: the process's member of every room group."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, redis_url=None):
         self.layer = layer
+        # The layer's Redis, asked directly by the watchdog; None: no watchdog.
+        self.redis_url = redis_url
+        self.watchdog = None
         self.loop = asyncio.get_running_loop()
         self.rooms = {}
         self.channel = None
@@ -321,6 +333,8 @@ class Hub:
                 # channel whose receive was cancelled (see _close).
                 self.channel = await self.layer.new_channel()
                 self.reader = self.loop.create_task(self._read())
+                if self.redis_url is not None:
+                    self.watchdog = self.loop.create_task(self._watch())
             await self.layer.group_add(room.group, self.channel)
 
     async def _close(self, room):
@@ -338,8 +352,12 @@ class Hub:
                     # already): stop reading; the next room starts afresh.
                     self.reader.cancel()
                     self.reader = None
-        except Exception:
-            log.warning("leaving group %s failed", room.group, exc_info=True)
+                    if self.watchdog is not None:
+                        self.watchdog.cancel()
+                        self.watchdog = None
+        except Exception as error:
+            # Harmless: a process in a group it no longer needs ignores its messages.
+            log.warning("leaving group %s failed: %s", room.group, describe(error))
 
     # Receiving ------------------------------------------------------------
 
@@ -364,6 +382,28 @@ class Hub:
 
     # Channel layer outages ---------------------------------------------------
 
+    async def _watch(self):
+        client = redis.asyncio.Redis.from_url(
+            self.redis_url, socket_timeout=WATCH_INTERVAL * 2, socket_connect_timeout=WATCH_INTERVAL * 2,
+            # One question, one answer: the watchdog itself is the retry.
+            retry=Retry(NoBackoff(), 0))
+        run_id = None
+        try:
+            while True:
+                try:
+                    current = (await client.info("server"))["run_id"]
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:
+                    self._layer_failed(error)
+                else:
+                    if run_id is not None and current != run_id:
+                        self._layer_failed(f"Redis restarted (run id {run_id[:8]} -> {current[:8]})")
+                    run_id = current
+                await asyncio.sleep(WATCH_INTERVAL)
+        finally:
+            await client.aclose()
+
     def _layer_failed(self, error):
         """Notes a failed layer operation: logged once, then recovered in the background."""
         if self.layer_ok:
@@ -371,7 +411,8 @@ class Hub:
             self.layer_failed_at = time.monotonic()
             log.warning(
                 "channel layer unreachable (%s): messages are stored and reach this "
-                "process's sockets; the others get them once it answers", describe(error))
+                "process's sockets; the others get them once it answers",
+                error if isinstance(error, str) else describe(error))
         if self.recovery is None or self.recovery.done():
             self.recovery = self.loop.create_task(self._recover())
 
@@ -558,7 +599,9 @@ def get_hub():
         # A new layer (settings changed, tests) or a new loop: start afresh.
         for old_loop in [old for old in _hubs if old.is_closed()]:
             del _hubs[old_loop]
-        hub = _hubs[loop] = Hub(layer)
+        hosts = settings.CHANNEL_LAYERS.get("default", {}).get("CONFIG", {}).get("hosts") or [None]
+        address = hosts[0].get("address") if isinstance(hosts[0], dict) else hosts[0]
+        hub = _hubs[loop] = Hub(layer, redis_url=address)
     return hub
 
 

@@ -29,9 +29,9 @@ What the hub guarantees to each socket:
   publishes its list, oldest first. Rooms not yet open in the process cannot
   be joined meanwhile (`LayerUnavailable`). A restart can go unnoticed by the
   layer (redis-py reconnects by itself) while it empties Redis of the core
-  layer's group memberships, so a watchdog asks Redis for its run id every
-  `WATCH_INTERVAL` seconds while the hub reads: a new id, or no answer, starts
-  the same recovery.
+  layer's group memberships, so a watchdog touches a key of its own every
+  `WATCH_INTERVAL` seconds while the hub reads (with the commands the layer
+  already needs): the key gone, or no answer, starts the same recovery.
 - **A bounded backlog per socket.** A socket whose sends do not keep up queues
   at most `SOCKET_BACKLOG` messages. Beyond that its queue is dropped and it
   gets `{"type": "behind", "since": S, "until": U}`: messages S+1..U were not
@@ -72,8 +72,13 @@ RECOVER_PAUSE = 0.25
 RECOVER_PAUSE_MAX = 2.0
 # Seconds a probe waits for its own message to come back through the layer.
 PROBE_TIMEOUT = 2.0
-# Seconds between the watchdog's questions to Redis (one INFO per process).
+# Seconds between the watchdog's visits to its key (one round trip per process).
 WATCH_INTERVAL = 1.0
+# Seconds the key outlives the last visit: far more than an interval, so only
+# a Redis that lost its data (a restart) loses it.
+WATCH_TTL = 60
+# Under the layer's prefix, which the app's Redis user may use.
+WATCH_KEY = "asgi:chat-watchdog:"
 # Matches CHAT_HISTORY_PAGE: one database read fills up to this many missing.
 FILL_PAGE = 200
 # Most posts stored in one transaction.
@@ -387,19 +392,24 @@ class Hub:
             self.redis_url, socket_timeout=WATCH_INTERVAL * 2, socket_connect_timeout=WATCH_INTERVAL * 2,
             # One question, one answer: the watchdog itself is the retry.
             retry=Retry(NoBackoff(), 0))
-        run_id = None
+        key = WATCH_KEY + uuid.uuid4().hex
+        # Whether a missing key means news (not on the first visit, nor after
+        # a failure, which started a recovery already).
+        expect_key = False
         try:
             while True:
                 try:
-                    current = (await client.info("server"))["run_id"]
+                    pipe = client.pipeline(transaction=False)
+                    added, _ = await pipe.zadd(key, {"alive": 1}).expire(key, WATCH_TTL).execute()
                 except asyncio.CancelledError:
                     raise
                 except Exception as error:
+                    expect_key = False
                     self._layer_failed(error)
                 else:
-                    if run_id is not None and current != run_id:
-                        self._layer_failed(f"Redis restarted (run id {run_id[:8]} -> {current[:8]})")
-                    run_id = current
+                    if added and expect_key:
+                        self._layer_failed("Redis lost its data: restarted")
+                    expect_key = True
                 await asyncio.sleep(WATCH_INTERVAL)
         finally:
             await client.aclose()

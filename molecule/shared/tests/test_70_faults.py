@@ -100,7 +100,7 @@ def tracebacks_since(host, since):
     return int(out or 0)
 
 
-def account(name, edge, room, counts, recovery, expect_drops=None):
+def account(name, edge, room, counts, recovery, expect_drops=None, sockets=SOCKETS):
     """Checks that nothing was lost, reports the fault's figures, returns them."""
     stored = stored_messages(edge, room)
     seqs = sorted(stored)
@@ -121,7 +121,7 @@ def account(name, edge, room, counts, recovery, expect_drops=None):
            f"{sum(1 for m in missing if m == 0)}, lost {lost}")
     assert not_stored == [], f"{name}: acknowledged but not stored: {not_stored[:5]}"
     assert counts.silent == [], f"{name}: posts never answered on an open socket: {counts.silent[:5]}"
-    assert len(clients) == SOCKETS, f"{name}: only {len(clients)} of {SOCKETS} clients were connected at the end"
+    assert len(clients) == sockets, f"{name}: only {len(clients)} of {sockets} clients were connected at the end"
     assert missing == [0] * len(clients), f"{name}: messages missing per client after catching up: {missing}"
     assert len(counts.acknowledged) > 0, f"{name}: no message was posted"
     assert lost == 0
@@ -214,6 +214,80 @@ def test_kill_9_each_daphne_in_turn(host, edge, daphne_instances):
         time.sleep(2)
     account("kill -9 each Daphne", edge, room, counts, recovery)
     assert counts.http_failed == [], counts.http_failed[:5]
+
+
+def _unit_value(host, unit, prop):
+    return host.check_output(f"systemctl show -p {prop} --value {unit}")
+
+
+def _cgroup_file(group, v1_name, v2_name):
+    """A command printing a memory file of a unit's cgroup (v1 on these hosts, v2 elsewhere)."""
+    # Quoted: unit cgroups hold escapes such as system-chat\x2ddaphne.slice.
+    return (f"cat '/sys/fs/cgroup/memory{group}/{v1_name}' 2>/dev/null "
+            f"|| cat '/sys/fs/cgroup{group}/{v2_name}'")
+
+
+def test_app_units_have_memory_ceilings_sized_from_the_host(host, daphne_instances):
+    total = int(host.check_output("awk '/^MemTotal:/ {print $2}' /proc/meminfo")) * 1024
+    daphnes = [f"chat-daphne@{n}.service" for n in daphne_instances]
+    ceilings = {}
+    for unit in daphnes + ["chat-gunicorn.service"]:
+        high, highest = _unit_value(host, unit, "MemoryHigh"), _unit_value(host, unit, "MemoryMax")
+        assert highest.isdigit() and high.isdigit(), f"{unit}: MemoryHigh={high} MemoryMax={highest}"
+        assert 0 < int(high) < int(highest) < total, f"{unit}: MemoryHigh={high} MemoryMax={highest}"
+        ceilings[unit] = int(highest)
+        # What the kernel enforces (cgroup v1 here: memory.limit_in_bytes).
+        group = _unit_value(host, unit, "ControlGroup")
+        limit = host.run(_cgroup_file(group, "memory.limit_in_bytes", "memory.max"))
+        assert limit.stdout.split()[0] == str(highest), f"{unit}: the cgroup's limit is {limit.stdout}"
+    # Together the Daphnes may take half of the host's memory, Gunicorn a quarter.
+    assert sum(ceilings[unit] for unit in daphnes) <= total // 2
+    assert ceilings["chat-gunicorn.service"] <= total // 4
+    report("memory ceilings (MemoryMax): " + ", ".join(
+        f"{unit.split('.')[0]} {ceilings[unit] // 2**20} MiB" for unit in ceilings)
+        + f" of {total // 2**20} MiB")
+
+
+@pytest.fixture
+def daphne_ceiling(host):
+    """A runtime MemoryMax on Daphne 1 just above what it uses now; removed at the end."""
+    unit = "chat-daphne@1.service"
+    group = _unit_value(host, unit, "ControlGroup")
+    used = int(host.check_output(_cgroup_file(group, "memory.usage_in_bytes", "memory.current")))
+    restarts = int(_unit_value(host, unit, "NRestarts"))
+    host.run_expect([0], f"systemctl set-property --runtime {unit} MemoryMax={used + 2**20}")
+
+    def lift():
+        host.run(f"rm -rf /run/systemd/system.control/{unit}.d && systemctl daemon-reload")
+
+    try:
+        yield unit, restarts, lift
+    finally:
+        lift()
+
+
+def test_a_daphne_past_its_memory_ceiling_is_restarted_like_a_crash(host, edge, daphne_ceiling):
+    unit, restarts, lift = daphne_ceiling
+    room = new_room("memory")
+    sockets = 80
+    # About half the sockets land on Daphne 1: ~50 KiB each takes it past the ceiling.
+    traffic = Traffic(edge, room, http_clients=1, sockets=sockets, senders=SENDERS, path="/",
+                      max_seconds=240)
+    with traffic as counts:
+        deadline = time.monotonic() + RECOVERY_LIMIT
+        while int(_unit_value(host, unit, "NRestarts")) == restarts:
+            assert time.monotonic() < deadline, f"{unit} was not killed at its memory ceiling"
+            time.sleep(0.2)
+        killed = time.monotonic()
+        # Back to the configured ceiling, or it would be killed again at once.
+        lift()
+        recovery = recovery_after(traffic, edge, room, killed)
+        assert host.service(unit).is_running
+        time.sleep(2)
+    dropped, _ = account("Daphne past MemoryMax", edge, room, counts, recovery, sockets=sockets)
+    assert dropped > 0, "the instance was restarted but no socket noticed"
+    killed_by = host.check_output(f"journalctl -u {unit} --since '-5min' -o cat | grep -c 'status=9/KILL' || true")
+    assert int(killed_by) >= 1, "systemd did not record the kill"
 
 
 def test_kill_9_gunicorn_master_under_http_load(host, edge):

@@ -28,6 +28,12 @@ under systemd socket activation needs, which Daphne itself does not do:
   autobahn's ``sendClose``, which raises for it (a traceback and a dropped
   connection instead). The codes a server may send by RFC 6455 and IANA
   (``SERVER_CLOSE_CODES``) go out as a close frame directly.
+- **The message size limit is for what clients send**: Daphne passes
+  ``--websocket-max-message-size`` to autobahn, which applies it to outgoing
+  messages too, so a history page or a catch-up batch larger than it failed
+  the socket with 1011, and the client, asking again for the same page after
+  reconnecting, could never catch up. Outgoing messages are not limited here;
+  what the server sends is bounded by the app (history pages, backlogs).
 """
 
 import os
@@ -106,6 +112,21 @@ def allow_server_close_codes():
     WebSocketProtocol.serverClose = server_close
 
 
+def unlimit_outgoing_messages():
+    """Keep autobahn's maxMessagePayloadSize for received messages only."""
+    original = WebSocketProtocol.sendMessage
+
+    def send_message(protocol, *args, **kwargs):
+        limit = protocol.maxMessagePayloadSize
+        protocol.maxMessagePayloadSize = 0  # 0: no limit, for this send only
+        try:
+            return original(protocol, *args, **kwargs)
+        finally:
+            protocol.maxMessagePayloadSize = limit
+
+    WebSocketProtocol.sendMessage = send_message
+
+
 def _open_websockets(server):
     return [
         protocol for protocol in list(server.connections)
@@ -140,6 +161,7 @@ def main():
     grace = env_float("CHAT_CLOSE_GRACE", DEFAULT_CLOSE_GRACE, minimum=CLOSE_POLL_SECONDS)
     adopt_unix_sockets_as_systemds(backlog)
     allow_server_close_codes()
+    unlimit_outgoing_messages()
 
     original_run = Server.run
 

@@ -77,12 +77,14 @@ class Traffic:
     # sockets opened at 8/s against 10 handshakes/s.
     def __init__(self, edge, room, http_clients=4, http_interval=0.25, sockets=50,
                  max_seconds=600, path="/healthz", opens_per_second=8, senders=0,
-                 send_interval=1.0):
+                 send_interval=1.0, wait_open=True):
         self.edge, self.room, self.path = edge, room, path
         self.http_clients, self.http_interval = http_clients, http_interval
         self.sockets, self.max_seconds = sockets, max_seconds
         self.opens_per_second = opens_per_second
         self.senders, self.send_interval = senders, send_interval
+        # False: the block starts at once instead of once every socket is open.
+        self.wait_open = wait_open
         self.tag = f"{room}-{time.monotonic_ns()}"
         # Every client's Seen, live (for wait_seen_by_all).
         self._seen = [Seen() for _ in range(sockets)]
@@ -275,7 +277,7 @@ class Traffic:
             self._threads.append(threading.Thread(target=self._room, daemon=True))
         for thread in self._threads:
             thread.start()
-        if self.sockets and not self._ready.wait(60):
+        if self.sockets and self.wait_open and not self._ready.wait(60):
             self._stop.set()
             raise AssertionError(f"only {self._open} of {self.sockets} WebSockets opened in 60 s")
         return self.counts

@@ -2,11 +2,11 @@
 
 import logging
 
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from . import fanout, store
+from .dbcalls import reads
 from .models import is_valid_room_name
 from .protocol import ProtocolError, clean_body, clean_nickname, clean_since, parse_frame
 from .ratelimit import TokenBucket
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 _dumps = fanout.dumps
 
 
-@database_sync_to_async
+@reads
 def _frames_since(room_name, since, limit):
     return [m.as_frame() for m in store.messages_since(room_name, since, limit)]
 

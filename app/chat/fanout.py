@@ -47,7 +47,6 @@ import time
 import uuid
 
 import redis.asyncio
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from redis.asyncio.retry import Retry
@@ -56,6 +55,7 @@ from redis.backoff import NoBackoff
 from chatservice.env import env_float, env_int
 
 from . import store
+from .dbcalls import reads, writes
 
 log = logging.getLogger(__name__)
 
@@ -117,17 +117,17 @@ def history_text(texts):
     return '{"type": "history", "messages": [' + ", ".join(texts) + "]}"
 
 
-@database_sync_to_async
+@reads
 def _recent_frames(room_name, limit):
     return [m.as_frame() for m in store.recent_messages(room_name, limit)]
 
 
-@database_sync_to_async
+@writes
 def _store_posts(posts):
     return [m.as_frame() for m in store.post_messages(posts)]
 
 
-@database_sync_to_async
+@reads
 def _frames_since(room_name, since, limit):
     return [m.as_frame() for m in store.messages_since(room_name, since, limit)]
 

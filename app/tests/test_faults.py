@@ -242,3 +242,30 @@ def test_connection_tracebacks_are_folded_into_one_line_now_and_then():
     # Other errors keep their traceback.
     other = _record(ValueError("a bug"), created=111.0)
     assert fold.filter(other) is True and other.exc_info is not None
+
+
+async def test_a_write_waiting_for_the_lock_does_not_stall_other_sockets(join, room):
+    """Before: every database call of the process ran on one thread, behind the stuck write."""
+    import sqlite3
+
+    from django.db import connection
+
+    alice, _ = await join(room)
+    bob, _ = await join(room)
+    holder = sqlite3.connect(connection.settings_dict["NAME"], isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        await send_message(alice, "waits for the lock")
+        await asyncio.sleep(0.3)  # the write is now waiting for SQLite's lock
+        started = time.monotonic()
+        await bob.send_json_to({"type": "history", "since": 0})
+        frame = await bob.receive_json_from(timeout=5)
+        answered = time.monotonic() - started
+        assert frame == {"type": "history", "messages": []}
+        assert answered < 1.0, f"a read waited {answered:.2f} s behind a stuck write"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    # The write goes through once the lock is free.
+    [message], _ = await receive_messages(alice, 1, timeout=10)
+    assert message["body"] == "waits for the lock"

@@ -108,7 +108,7 @@ def test_gunicorn_health_says_wsgi(servers):
         "status": "ok",
         "release": RELEASE,
         "interface": "wsgi",
-        "checks": {"database": "ok", "redis": "ok"},
+        "checks": {"database": "ok", "disk": "ok", "redis": "ok"},
     }
 
 

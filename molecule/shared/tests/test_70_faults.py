@@ -17,6 +17,7 @@ The figures go to the "measured" section of the run. Every fault is undone
 in a finalizer, and the host must answer healthily before the next test.
 """
 
+import shlex
 import time
 import uuid
 
@@ -324,3 +325,110 @@ def test_kill_9_gunicorn_master_under_http_load(host, edge):
     # Requests queued on the socket that systemd holds, and were answered.
     assert counts.http_failed == [], counts.http_failed[:5]
     assert counts.http_ok > 20
+
+
+DATA_DIR = "/srv/chat/shared/data"
+DATABASE = f"{DATA_DIR}/db.sqlite3"
+
+
+def _as_chat_python(code):
+    """A command running Python code as the app's user (files it creates stay the app's)."""
+    return f"runuser -u chat -- python3 -c {shlex.quote(code)}"
+
+
+def _history_latency(edge, room):
+    """Seconds a fresh socket waits for a history answer."""
+    with edge.websocket(f"/ws/chat/{room}/") as ws:
+        edge.receive(ws)
+        started = time.monotonic()
+        ws.send('{"type": "history", "since": 0}')
+        while edge.receive(ws)["type"] != "history":
+            pass
+        return time.monotonic() - started
+
+
+def _health_check_fails(edge, check, text, timeout=10):
+    deadline = time.monotonic() + timeout
+    while True:
+        status, health = edge.get_json("/healthz")
+        if status == 503 and text in health["checks"][check]:
+            return health
+        assert time.monotonic() < deadline, f"/healthz did not report {check} ({text}): {status} {health}"
+        time.sleep(0.3)
+
+
+def test_a_locked_database_is_reported_refused_and_resumes(host, edge):
+    room = new_room("db-locked")
+    hold = 8
+    traffic = room_traffic(edge, room)
+    with traffic as counts:
+        time.sleep(2)
+        # Another process holds SQLite's write lock, as a long transaction would.
+        host.run_expect([0], "nohup " + _as_chat_python(
+            "import sqlite3, time\n"
+            f"c = sqlite3.connect({DATABASE!r}, isolation_level=None)\n"
+            f"c.execute('BEGIN IMMEDIATE')\ntime.sleep({hold})\nc.execute('ROLLBACK')\n")
+            + " >/dev/null 2>&1 &")
+        locked_at = time.monotonic()
+        health = _health_check_fails(edge, "database", "locked")
+        # Reads of other sockets go on while posts wait for the lock.
+        latency = max(_history_latency(edge, room) for _ in range(3))
+        time.sleep(max(0.0, hold - (time.monotonic() - locked_at)))
+        recovery = recovery_after(traffic, edge, room, time.monotonic())
+        time.sleep(2)
+    report(f"fault database locked {hold} s: /healthz said {health['checks']['database']!r}; "
+           f"history answered in {latency:.2f} s at most while posts waited")
+    account("database locked", edge, room, counts, recovery, expect_drops=0)
+    assert {code for _, code in counts.refused} <= {"store_failed"}, counts.refused
+    assert latency < 2, f"a history read waited {latency:.2f} s behind the stuck writes"
+    edge.wait_healthy()
+
+
+@pytest.fixture
+def small_data_filesystem(host, daphne_instances):
+    """The data folder on a 64 MiB tmpfs of its own, with the database copied over; put back at the end."""
+    units = " ".join([f"chat-daphne@{n}.service" for n in daphne_instances] + ["chat-gunicorn.service"])
+    saved = "/root/faults-data"
+
+    def move(source, target):
+        host.run_expect([0], f"rm -rf {target} && mkdir -p {target} && cp -a {source}/. {target}/")
+
+    host.run_expect([0], f"systemctl stop {units}")
+    move(DATA_DIR, saved)
+    host.run_expect([0], f"mount -t tmpfs -o size=64m,mode=0750,uid=chat,gid=chat faults-data {DATA_DIR}")
+    try:
+        move(saved, DATA_DIR)
+        host.run_expect([0], f"systemctl start {units}")
+        yield
+    finally:
+        host.run(f"rm -f {DATA_DIR}/filler")
+        host.run_expect([0], f"systemctl stop {units}")
+        move(DATA_DIR, saved)
+        host.run_expect([0], f"umount {DATA_DIR}")
+        move(saved, DATA_DIR)
+        host.run(f"rm -rf {saved}")
+
+
+def test_a_full_data_filesystem_is_reported_and_recovers(host, edge, small_data_filesystem):
+    edge.wait_healthy(timeout=90)
+    room = new_room("disk-full")
+    traffic = room_traffic(edge, room)
+    with traffic as counts:
+        time.sleep(2)
+        # Fill it: dd stops at the first write that finds no space.
+        host.run(f"dd if=/dev/zero of={DATA_DIR}/filler bs=1M status=none")
+        assert host.run(f"df --output=avail -B1 {DATA_DIR} | tail -1").stdout.strip() == "0"
+        health = _health_check_fails(edge, "disk", "free in")
+        time.sleep(6)  # posts meet the full disk
+        host.run_expect([0], f"rm -f {DATA_DIR}/filler")
+        recovery = recovery_after(traffic, edge, room, time.monotonic())
+        time.sleep(2)
+    report(f"fault data filesystem full: /healthz said {health['checks']['disk']!r}, "
+           f"database check {health['checks']['database']!r}; posts refused meanwhile: {len(counts.refused)}")
+    account("data filesystem full", edge, room, counts, recovery, expect_drops=0)
+    assert {code for _, code in counts.refused} <= {"store_failed"}, counts.refused
+    # Nothing stored was damaged.
+    check = host.check_output(_as_chat_python(
+        f"import sqlite3; print(sqlite3.connect({DATABASE!r}).execute('PRAGMA integrity_check').fetchone()[0])"))
+    assert check == "ok"
+    edge.wait_healthy()

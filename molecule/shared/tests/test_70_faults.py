@@ -386,27 +386,31 @@ def test_a_locked_database_is_reported_refused_and_resumes(host, edge):
 
 @pytest.fixture
 def small_data_filesystem(host, daphne_instances):
-    """The data folder on a 64 MiB tmpfs of its own, with the database copied over; put back at the end."""
+    """The data folder on a 64 MiB tmpfs of its own, with a copy of the database; put back at the end.
+
+    Nothing is ever deleted from the data folder: the tmpfs is mounted over
+    it (hiding the files, which stay as they were), and at the end the
+    database files written meanwhile are copied back over them after the
+    unmount. A failure half-way leaves the originals in place.
+    """
     units = " ".join([f"chat-daphne@{n}.service" for n in daphne_instances] + ["chat-gunicorn.service"])
-    saved = "/root/faults-data"
-
-    def move(source, target):
-        host.run_expect([0], f"rm -rf {target} && mkdir -p {target} && cp -a {source}/. {target}/")
-
+    copy = f"/root/faults-data-{uuid.uuid4().hex[:8]}"
     host.run_expect([0], f"systemctl stop {units}")
-    move(DATA_DIR, saved)
-    host.run_expect([0], f"mount -t tmpfs -o size=64m,mode=0750,uid=chat,gid=chat faults-data {DATA_DIR}")
     try:
-        move(saved, DATA_DIR)
+        host.run_expect([0], f"mkdir {copy} && cp -a {DATA_DIR}/. {copy}/")
+        host.run_expect([0], f"mount -t tmpfs -o size=64m,mode=0750,uid=chat,gid=chat faults-data {DATA_DIR}")
+        host.run_expect([0], f"cp -a {copy}/. {DATA_DIR}/")
         host.run_expect([0], f"systemctl start {units}")
         yield
     finally:
         host.run(f"rm -f {DATA_DIR}/filler")
         host.run_expect([0], f"systemctl stop {units}")
-        move(DATA_DIR, saved)
-        host.run_expect([0], f"umount {DATA_DIR}")
-        move(saved, DATA_DIR)
-        host.run(f"rm -rf {saved}")
+        if host.run(f"mountpoint -q {DATA_DIR}").rc == 0:
+            # The database as the test left it (the service stopped: checkpointed).
+            host.run_expect([0], f"rm -rf {copy} && mkdir {copy} && cp -a {DATA_DIR}/. {copy}/")
+            host.run_expect([0], f"umount {DATA_DIR}")
+            host.run_expect([0], f"cp -a {copy}/. {DATA_DIR}/")
+        host.run(f"rm -rf {copy}")
 
 
 def test_a_full_data_filesystem_is_reported_and_recovers(host, edge, small_data_filesystem):

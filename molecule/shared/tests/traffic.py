@@ -77,7 +77,7 @@ class Traffic:
     # sockets opened at 8/s against 10 handshakes/s.
     def __init__(self, edge, room, http_clients=4, http_interval=0.25, sockets=50,
                  max_seconds=600, path="/healthz", opens_per_second=8, senders=0,
-                 send_interval=1.0, wait_open=True):
+                 send_interval=1.0, wait_open=True, http_timeout=10):
         self.edge, self.room, self.path = edge, room, path
         self.http_clients, self.http_interval = http_clients, http_interval
         self.sockets, self.max_seconds = sockets, max_seconds
@@ -85,6 +85,7 @@ class Traffic:
         self.senders, self.send_interval = senders, send_interval
         # False: the block starts at once instead of once every socket is open.
         self.wait_open = wait_open
+        self.http_timeout = http_timeout
         self.tag = f"{room}-{time.monotonic_ns()}"
         # Every client's Seen, live (for wait_seen_by_all).
         self._seen = [Seen() for _ in range(sockets)]
@@ -100,7 +101,7 @@ class Traffic:
         deadline = time.monotonic() + self.max_seconds
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
-                status, body = self.edge.get(self.path, timeout=10)
+                status, body = self.edge.get(self.path, timeout=self.http_timeout)
                 if status != 200:
                     raise ValueError(f"HTTP {status}: {body[:100]}")
                 release = json.loads(body).get("release") if self.path == "/healthz" else None

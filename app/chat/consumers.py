@@ -1,10 +1,12 @@
 """WebSocket consumers. The protocol is described in README.md."""
 
-from channels.db import database_sync_to_async
+import logging
+
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from . import fanout, store
+from .dbcalls import reads
 from .models import is_valid_room_name
 from .protocol import ProtocolError, clean_body, clean_nickname, clean_since, parse_frame
 from .ratelimit import TokenBucket
@@ -12,12 +14,18 @@ from .ratelimit import TokenBucket
 # Sent after accepting, because closing before accept() can only answer the
 # handshake with HTTP 403, which a browser cannot tell apart from a refused Origin.
 CLOSE_NOT_FOUND = 4004
+# "Try again later" (RFC 6455): the room cannot be joined now (Redis or the
+# database does not answer). Accepted and closed rather than refused, so the
+# proxy never turns it into a 500 and the page retries with jitter.
+CLOSE_TRY_AGAIN_LATER = 1013
+
+log = logging.getLogger(__name__)
 
 
 _dumps = fanout.dumps
 
 
-@database_sync_to_async
+@reads
 def _frames_since(room_name, since, limit):
     return [m.as_frame() for m in store.messages_since(room_name, since, limit)]
 
@@ -45,7 +53,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # joined (read once per process, not per handshake); the subscriber
         # stays paused until that history is sent.
         subscriber = fanout.Subscriber(self._send_text)
-        history = await self.hub.join(self.room_name, subscriber)
+        try:
+            history = await self.hub.join(self.room_name, subscriber)
+        except Exception as error:
+            # One line, not a traceback per handshake: the hub has logged the cause.
+            log.info("room %s cannot be joined now: %s", self.room_name, fanout.describe(error))
+            await self.accept()
+            await self.close(code=CLOSE_TRY_AGAIN_LATER)
+            return
         self.subscriber = subscriber
         await self.accept()
         await self.send(text_data=history)
@@ -84,11 +99,21 @@ class ChatConsumer(AsyncWebsocketConsumer):
         body = clean_body(frame.get("body"), settings.CHAT_MAX_BODY_LENGTH)
         # Stored before it is broadcast, so everything a client sees live can
         # also be fetched again by seq.
-        await self.hub.post(self.room_name, nickname, body)
+        try:
+            await self.hub.post(self.room_name, nickname, body)
+        except Exception as error:
+            log.warning("storing a message in room %s failed: %s", self.room_name, fanout.describe(error))
+            raise ProtocolError(
+                "store_failed", "the message could not be stored and was not sent; try again"
+            ) from error
 
     async def handle_history(self, frame):
         since = clean_since(frame.get("since"))
-        messages = await _frames_since(self.room_name, since, settings.CHAT_HISTORY_PAGE)
+        try:
+            messages = await _frames_since(self.room_name, since, settings.CHAT_HISTORY_PAGE)
+        except Exception as error:
+            log.warning("reading history of room %s failed: %s", self.room_name, fanout.describe(error))
+            raise ProtocolError("history_failed", "history cannot be read now; ask again") from error
         await self.send(text_data=_dumps({"type": "history", "messages": messages}))
 
     async def handle_ping(self, frame):

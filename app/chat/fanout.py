@@ -19,6 +19,19 @@ What the hub guarantees to each socket:
   (counted from the first one) and sent as one frame: a lone message as its
   usual `message` frame, several as `{"type": "batch", "messages": [...]}`.
   Frames per second then stop growing with the message rate.
+- **Riding through Redis outages.** Messages are stored before anything else
+  and handed to this process's own sockets at once; publishing to the other
+  processes is what needs Redis. When the channel layer fails (a restart, an
+  outage), the hub says so once in the log, keeps what it stored in a list,
+  and probes the layer with jittered backoff until a message it sends to
+  itself comes back. Then it joins its groups again (Redis kept nothing), reads
+  from the database whatever the other processes stored meanwhile, and
+  publishes its list, oldest first. Rooms not yet open in the process cannot
+  be joined meanwhile (`LayerUnavailable`). A restart can go unnoticed by the
+  layer (redis-py reconnects by itself) while it empties Redis of the core
+  layer's group memberships, so a watchdog touches a key of its own every
+  `WATCH_INTERVAL` seconds while the hub reads (with the commands the layer
+  already needs): the key gone, or no answer, starts the same recovery.
 - **A bounded backlog per socket.** A socket whose sends do not keep up queues
   at most `SOCKET_BACKLOG` messages. Beyond that its queue is dropped and it
   gets `{"type": "behind", "since": S, "until": U}`: messages S+1..U were not
@@ -29,14 +42,20 @@ import asyncio
 import collections
 import json
 import logging
+import random
+import time
+import uuid
 
-from channels.db import database_sync_to_async
+import redis.asyncio
 from channels.layers import get_channel_layer
 from django.conf import settings
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from chatservice.env import env_float, env_int
 
 from . import store
+from .dbcalls import reads, writes
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +65,35 @@ GAP_WAIT = env_float("CHAT_GAP_WAIT_MS", 200.0, minimum=0.0) / 1000
 SOCKET_BACKLOG = env_int("CHAT_SOCKET_BACKLOG", 1000, minimum=1)
 # A failed layer receive (Redis restarting) is retried after this pause.
 RETRY_PAUSE = 1.0
+# Probing a failed channel layer: the first pause, doubling up to the cap,
+# each drawn at random between half and all of it (clients and processes that
+# lost Redis together must not all come back together).
+RECOVER_PAUSE = 0.25
+RECOVER_PAUSE_MAX = 2.0
+# Seconds a probe waits for its own message to come back through the layer.
+PROBE_TIMEOUT = 2.0
+# Seconds between the watchdog's visits to its key (one round trip per process).
+WATCH_INTERVAL = 1.0
+# Seconds the key outlives the last visit: far more than an interval, so only
+# a Redis that lost its data (a restart) loses it.
+WATCH_TTL = 60
+# Under the layer's prefix, which the app's Redis user may use.
+WATCH_KEY = "asgi:chat-watchdog:"
 # Matches CHAT_HISTORY_PAGE: one database read fills up to this many missing.
 FILL_PAGE = 200
 # Most posts stored in one transaction.
 POST_BATCH = 500
 
 EVENT_TYPE = "chat.message"
+PROBE_TYPE = "chat.probe"
+
+
+class LayerUnavailable(Exception):
+    """The channel layer (Redis) does not answer: a room cannot be joined now."""
+
+
+def describe(error):
+    return f"{type(error).__name__}: {error}"[:200]
 
 
 def dumps(frame):
@@ -75,17 +117,17 @@ def history_text(texts):
     return '{"type": "history", "messages": [' + ", ".join(texts) + "]}"
 
 
-@database_sync_to_async
+@reads
 def _recent_frames(room_name, limit):
     return [m.as_frame() for m in store.recent_messages(room_name, limit)]
 
 
-@database_sync_to_async
+@writes
 def _store_posts(posts):
     return [m.as_frame() for m in store.post_messages(posts)]
 
 
-@database_sync_to_async
+@reads
 def _frames_since(room_name, since, limit):
     return [m.as_frame() for m in store.messages_since(room_name, since, limit)]
 
@@ -212,8 +254,11 @@ class _Room:
 class Hub:
     """One per event loop and channel layer: the process's member of every room group."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, redis_url=None):
         self.layer = layer
+        # The layer's Redis, asked directly by the watchdog; None: no watchdog.
+        self.redis_url = redis_url
+        self.watchdog = None
         self.loop = asyncio.get_running_loop()
         self.rooms = {}
         self.channel = None
@@ -224,6 +269,14 @@ class Hub:
         # Posts waiting for the database: (room, nickname, body, future).
         self.posts = []
         self.poster = None
+        # False from a failed layer operation until a probe came back.
+        self.layer_ok = True
+        self.layer_failed_at = None
+        # Stored while the layer was away, to publish once it answers: (room, message).
+        self.unpublished = []
+        self.recovery = None
+        # Probes sent to the hub's own channel, by token.
+        self.probes = {}
 
     # Membership -----------------------------------------------------------
 
@@ -261,13 +314,14 @@ class Hub:
             self.loop.create_task(self._close(room))
 
     async def _open(self, room):
-        async with self.membership:
-            if self.reader is None:
-                # A fresh channel each time: the pub/sub layer forgets a
-                # channel whose receive was cancelled (see _close).
-                self.channel = await self.layer.new_channel()
-                self.reader = self.loop.create_task(self._read())
-            await self.layer.group_add(room.group, self.channel)
+        if not self.layer_ok:
+            # Known to be down: fail at once rather than after the retries.
+            raise LayerUnavailable("the channel layer is recovering")
+        try:
+            await self._join_group(room)
+        except Exception as error:
+            self._layer_failed(error)
+            raise LayerUnavailable(describe(error)) from error
         # Read after joining the group: every later message reaches the hub,
         # every earlier one is in this history.
         recent = await _recent_frames(room.name, room.recent.maxlen)
@@ -276,6 +330,17 @@ class Hub:
         for seq in [seq for seq in room.held if seq < room.expected]:
             del room.held[seq]
         self._release(room)
+
+    async def _join_group(self, room):
+        async with self.membership:
+            if self.reader is None:
+                # A fresh channel each time: the pub/sub layer forgets a
+                # channel whose receive was cancelled (see _close).
+                self.channel = await self.layer.new_channel()
+                self.reader = self.loop.create_task(self._read())
+                if self.redis_url is not None:
+                    self.watchdog = self.loop.create_task(self._watch())
+            await self.layer.group_add(room.group, self.channel)
 
     async def _close(self, room):
         try:
@@ -292,8 +357,12 @@ class Hub:
                     # already): stop reading; the next room starts afresh.
                     self.reader.cancel()
                     self.reader = None
-        except Exception:
-            log.warning("leaving group %s failed", room.group, exc_info=True)
+                    if self.watchdog is not None:
+                        self.watchdog.cancel()
+                        self.watchdog = None
+        except Exception as error:
+            # Harmless: a process in a group it no longer needs ignores its messages.
+            log.warning("leaving group %s failed: %s", room.group, describe(error))
 
     # Receiving ------------------------------------------------------------
 
@@ -303,14 +372,112 @@ class Hub:
                 event = await self.layer.receive(self.channel)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                # Messages lost meanwhile are filled from the database when
-                # the next one shows the hole.
-                log.warning("channel layer receive failed; retrying", exc_info=True)
+            except Exception as error:
+                # Messages lost meanwhile are read from the database once the
+                # layer answers again (_recover).
+                self._layer_failed(error)
                 await asyncio.sleep(RETRY_PAUSE)
                 continue
             if event.get("type") == EVENT_TYPE:
                 self.deliver(event["message"])
+            elif event.get("type") == PROBE_TYPE:
+                probe = self.probes.pop(event.get("token"), None)
+                if probe is not None and not probe.done():
+                    probe.set_result(True)
+
+    # Channel layer outages ---------------------------------------------------
+
+    async def _watch(self):
+        client = redis.asyncio.Redis.from_url(
+            self.redis_url, socket_timeout=WATCH_INTERVAL * 2, socket_connect_timeout=WATCH_INTERVAL * 2,
+            # One question, one answer: the watchdog itself is the retry.
+            retry=Retry(NoBackoff(), 0))
+        key = WATCH_KEY + uuid.uuid4().hex
+        # Whether a missing key means news (not on the first visit, nor after
+        # a failure, which started a recovery already).
+        expect_key = False
+        try:
+            while True:
+                try:
+                    pipe = client.pipeline(transaction=False)
+                    added, _ = await pipe.zadd(key, {"alive": 1}).expire(key, WATCH_TTL).execute()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:
+                    expect_key = False
+                    self._layer_failed(error)
+                else:
+                    if added and expect_key:
+                        self._layer_failed("Redis lost its data: restarted")
+                    expect_key = True
+                await asyncio.sleep(WATCH_INTERVAL)
+        finally:
+            await client.aclose()
+
+    def _layer_failed(self, error):
+        """Notes a failed layer operation: logged once, then recovered in the background."""
+        if self.layer_ok:
+            self.layer_ok = False
+            self.layer_failed_at = time.monotonic()
+            log.warning(
+                "channel layer unreachable (%s): messages are stored and reach this "
+                "process's sockets; the others get them once it answers",
+                error if isinstance(error, str) else describe(error))
+        if self.recovery is None or self.recovery.done():
+            self.recovery = self.loop.create_task(self._recover())
+
+    async def _recover(self):
+        pause = RECOVER_PAUSE
+        while True:
+            await asyncio.sleep(pause / 2 + random.random() * pause / 2)
+            pause = min(pause * 2, RECOVER_PAUSE_MAX)
+            try:
+                await self._probe()
+                await self._rejoin()
+                await self._publish_unpublished()
+            except Exception:
+                continue  # still down: logged once already, by _layer_failed
+            break
+        self.layer_ok = True
+        log.warning("channel layer answers again after %.1f s", time.monotonic() - self.layer_failed_at)
+        # What other processes published while this one could not hear them
+        # is in the database.
+        for room in list(self.rooms.values()):
+            if room.expected is not None:
+                self._fill_from(room)
+
+    async def _probe(self):
+        """Returns once the layer carries a message again (to this hub, when it reads)."""
+        if self.reader is None or self.channel is None:
+            await self.layer.group_send(group_name("-probe"), {"type": PROBE_TYPE})
+            return
+        token = uuid.uuid4().hex
+        probe = self.probes[token] = self.loop.create_future()
+        try:
+            await self.layer.send(self.channel, {"type": PROBE_TYPE, "token": token})
+            await asyncio.wait_for(probe, PROBE_TIMEOUT)
+        finally:
+            self.probes.pop(token, None)
+
+    async def _rejoin(self):
+        # The core layer keeps group memberships in Redis, which a restart
+        # empties; adding again is harmless where they survived (pub/sub).
+        async with self.membership:
+            for room in list(self.rooms.values()):
+                if room.expected is not None and self.channel is not None:
+                    await self.layer.group_add(room.group, self.channel)
+
+    async def _publish_unpublished(self):
+        while self.unpublished:
+            room_name, message = self.unpublished[0]
+            await self._publish_one(room_name, message)
+            self.unpublished.pop(0)
+
+    def _fill_from(self, room):
+        """Reads messages after the last one handed out, as for a hole."""
+        if not room.filling:
+            room.filling = True
+            self.loop.create_task(self._fill(room, force=True))
 
     def deliver(self, message):
         """Takes one message as posted (a dict with room and seq)."""
@@ -343,16 +510,20 @@ class Hub:
             room.filling = True
             self.loop.create_task(self._fill(room))
 
-    async def _fill(self, room):
+    async def _fill(self, room, force=False):
+        # force: read even without a known hole (after a layer outage), and
+        # on while pages come back full.
+        more = force
         try:
-            while room.held and self.rooms.get(room.name) is room:
+            while (room.held or more) and self.rooms.get(room.name) is room:
                 before = room.expected
                 messages = await _frames_since(room.name, room.expected - 1, FILL_PAGE)
+                more = force and len(messages) == FILL_PAGE
                 for message in messages:
                     if message["seq"] >= room.expected:
                         room.held.setdefault(message["seq"], message)
                 self._release(room)
-                if room.expected == before:
+                if room.expected == before and room.held:
                     # Not in the database: a seq that no longer exists cannot
                     # be waited for, so skip to what is held.
                     log.warning("room %s: seq %d missing from the database", room.name, before)
@@ -372,7 +543,10 @@ class Hub:
 
         Posts that arrive while a write is running are stored together in the
         next one (group commit): one thread hop, connection and transaction
-        for all of them instead of one each.
+        for all of them instead of one each. A failed write raises (the
+        message is not stored); once stored, a message is never lost: this
+        process's sockets get it at once, the others through the layer, now
+        or when it answers again.
         """
         future = self.loop.create_future()
         self.posts.append((room_name, nickname, body, future))
@@ -391,14 +565,21 @@ class Hub:
                         future.set_exception(error)
                 continue
             for message, (room_name, *_, future) in zip(stored, batch):
-                try:
-                    await publish(room_name, message)
-                except Exception as error:
-                    if not future.done():
-                        future.set_exception(error)
-                    continue
+                self.deliver(message)
                 if not future.done():
                     future.set_result(message)
+            for message, (room_name, *_) in zip(stored, batch):
+                if not self.layer_ok:
+                    self.unpublished.append((room_name, message))
+                    continue
+                try:
+                    await self._publish_one(room_name, message)
+                except Exception as error:
+                    self.unpublished.append((room_name, message))
+                    self._layer_failed(error)
+
+    async def _publish_one(self, room_name, message):
+        await self.layer.group_send(group_name(room_name), {"type": EVENT_TYPE, "message": message})
 
     def _flush(self, room):
         room.flush_timer = None
@@ -428,7 +609,9 @@ def get_hub():
         # A new layer (settings changed, tests) or a new loop: start afresh.
         for old_loop in [old for old in _hubs if old.is_closed()]:
             del _hubs[old_loop]
-        hub = _hubs[loop] = Hub(layer)
+        hosts = settings.CHANNEL_LAYERS.get("default", {}).get("CONFIG", {}).get("hosts") or [None]
+        address = hosts[0].get("address") if isinstance(hosts[0], dict) else hosts[0]
+        hub = _hubs[loop] = Hub(layer, redis_url=address)
     return hub
 
 

@@ -1,5 +1,8 @@
 """Dependency checks for /healthz. Each returns "ok" or a short error text."""
 
+import shutil
+from pathlib import Path
+
 import redis
 from django.conf import settings
 from django.db import connection
@@ -14,8 +17,35 @@ def check_database():
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
             cursor.fetchone()
+            if connection.vendor == "sqlite" and not connection.in_atomic_block:
+                # Reads pass while a writer holds SQLite's lock (WAL): ask for
+                # the write lock itself, briefly, as a post would, and give it
+                # back without writing.
+                cursor.execute(f"PRAGMA busy_timeout = {int(settings.HEALTH_DATABASE_TIMEOUT * 1000)}")
+                cursor.execute("BEGIN IMMEDIATE")
+                cursor.execute("ROLLBACK")
     except Exception as error:  # any failure is a failed check, reported, not raised
         return _describe(error)
+    finally:
+        if connection.vendor == "sqlite" and connection.connection is not None:
+            # Back to the connection's own busy timeout for what follows.
+            timeout = settings.DATABASES["default"].get("OPTIONS", {}).get("timeout", 5)
+            try:
+                connection.connection.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            except Exception:  # noqa: S110 (a broken connection is already reported)
+                pass
+    return "ok"
+
+
+def check_disk():
+    """Free space where the data lives (the SQLite file, its journal)."""
+    folder = Path(settings.DATA_DIR)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError as error:
+        return _describe(error)
+    if free < settings.HEALTH_MIN_FREE_MB * 2**20:
+        return f"{free // 1024} KiB free in {folder}, below {settings.HEALTH_MIN_FREE_MB} MiB"
     return "ok"
 
 

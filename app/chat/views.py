@@ -54,7 +54,8 @@ def room(request, room):
 @never_cache
 @require_safe
 def healthz(request):
-    checks = {"database": health.check_database(), "redis": health.check_redis()}
+    checks = {"database": health.check_database(), "disk": health.check_disk(),
+              "redis": health.check_redis()}
     healthy = all(result == "ok" for result in checks.values())
     payload = {
         "status": "ok" if healthy else "fail",

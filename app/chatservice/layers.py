@@ -1,6 +1,10 @@
 """Channel layer configuration (CHANNEL_LAYERS) built from the environment."""
 
 from django.core.exceptions import ImproperlyConfigured
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .env import env_int, env_str
 
@@ -28,6 +32,20 @@ def redis_pool_options():
         # redis-py's async pool defaults to 100 connections; a burst of more
         # simultaneous group_add calls raises MaxConnectionsError (handshake 500).
         "max_connections": env_int("REDIS_MAX_CONNECTIONS", 1000, minimum=1),
+        # After a Redis restart every pooled connection is dead; without a
+        # retry each one fails once before it is replaced (a socket closed with
+        # 1011, a handshake answered 500). A connection error now reconnects
+        # and retries a few times with jittered backoff (0.1 s doubling up to
+        # 1 s: about 2 s in all), which rides through a restart; a longer
+        # outage still raises, and the hub (chat/fanout.py) takes over.
+        "retry": Retry(
+            ExponentialWithJitterBackoff(base=0.1, cap=1.0),
+            env_int("REDIS_RETRIES", 3, minimum=0),
+            supported_errors=(RedisConnectionError, RedisTimeoutError, ConnectionError),
+        ),
+        # A pooled connection idle this long is PINGed before use, so a dead
+        # one is found before a command is sent on it.
+        "health_check_interval": env_int("REDIS_HEALTH_CHECK_INTERVAL", 15, minimum=0),
     }
 
 

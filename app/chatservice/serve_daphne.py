@@ -23,6 +23,17 @@ under systemd socket activation needs, which Daphne itself does not do:
   reconnects with jitter and catches up from history by seq. Daphne cannot
   send 1012 through ASGI (autobahn's ``sendClose`` only allows 1000 and
   3000-4999), so the frame is sent on the protocol directly.
+- **Server close codes through ASGI**: the app closes a handshake it cannot
+  serve now with 1013 (try again later); Daphne hands every close code to
+  autobahn's ``sendClose``, which raises for it (a traceback and a dropped
+  connection instead). The codes a server may send by RFC 6455 and IANA
+  (``SERVER_CLOSE_CODES``) go out as a close frame directly.
+- **The message size limit is for what clients send**: Daphne passes
+  ``--websocket-max-message-size`` to autobahn, which applies it to outgoing
+  messages too, so a history page or a catch-up batch larger than it failed
+  the socket with 1011, and the client, asking again for the same page after
+  reconnecting, could never catch up. Outgoing messages are not limited here;
+  what the server sends is bounded by the app (history pages, backlogs).
 """
 
 import os
@@ -34,11 +45,14 @@ import time
 # before anything imports twisted.internet.reactor.
 from daphne.cli import CommandLineInterface
 from daphne.server import Server
+from daphne.ws_protocol import WebSocketProtocol
 from twisted.internet import defer, reactor, task, tcp, unix
 
 from .env import env_float, env_int
 
 CLOSE_SERVICE_RESTART = 1012
+# Internal error, service restart, try again later: codes only a server sends.
+SERVER_CLOSE_CODES = {1011: b"internal error", 1012: b"service restart", 1013: b"try again later"}
 DEFAULT_BACKLOG = 2048
 DEFAULT_CLOSE_GRACE = 2.0
 # How often the stop checks whether the clients have answered the close.
@@ -85,6 +99,34 @@ def adopt_unix_sockets_as_systemds(backlog):
     unix.Port._fromListeningDescriptor = classmethod(adopted)
 
 
+def allow_server_close_codes():
+    """Let the application close with SERVER_CLOSE_CODES, which autobahn's sendClose refuses."""
+    original = WebSocketProtocol.serverClose
+
+    def server_close(protocol, code=None):
+        if code in SERVER_CLOSE_CODES:
+            protocol.sendCloseFrame(code=code, reasonUtf8=SERVER_CLOSE_CODES[code])
+        else:
+            original(protocol, code)
+
+    WebSocketProtocol.serverClose = server_close
+
+
+def unlimit_outgoing_messages():
+    """Keep autobahn's maxMessagePayloadSize for received messages only."""
+    original = WebSocketProtocol.sendMessage
+
+    def send_message(protocol, *args, **kwargs):
+        limit = protocol.maxMessagePayloadSize
+        protocol.maxMessagePayloadSize = 0  # 0: no limit, for this send only
+        try:
+            return original(protocol, *args, **kwargs)
+        finally:
+            protocol.maxMessagePayloadSize = limit
+
+    WebSocketProtocol.sendMessage = send_message
+
+
 def _open_websockets(server):
     return [
         protocol for protocol in list(server.connections)
@@ -118,6 +160,8 @@ def main():
     backlog = env_int("CHAT_LISTEN_BACKLOG", DEFAULT_BACKLOG, minimum=1)
     grace = env_float("CHAT_CLOSE_GRACE", DEFAULT_CLOSE_GRACE, minimum=CLOSE_POLL_SECONDS)
     adopt_unix_sockets_as_systemds(backlog)
+    allow_server_close_codes()
+    unlimit_outgoing_messages()
 
     original_run = Server.run
 

@@ -117,7 +117,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
             # starts (no lock-upgrade deadlock), and timeout waits for it.
             "init_command": "PRAGMA journal_mode=WAL;",
             "transaction_mode": "IMMEDIATE",
-            "timeout": 20,
+            # Seconds a writer waits for the lock. A sender waits that long at
+            # most before it is told (store_failed): bounded, and short under
+            # ASGI; longer for management commands and pages.
+            "timeout": env_float("DATABASE_BUSY_TIMEOUT", 5.0 if INTERFACE == "asgi" else 20.0,
+                                 minimum=0.1),
         }
     )
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
@@ -138,6 +142,10 @@ REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 CHANNEL_LAYERS = build_channel_layers()
 # /healthz must answer quickly even when Redis is unreachable.
 HEALTH_REDIS_TIMEOUT = env_float("HEALTH_REDIS_TIMEOUT", 2.0, minimum=0.1)
+# Seconds /healthz waits for SQLite's write lock, and the free space in
+# DATA_DIR below which it reports the disk as failing.
+HEALTH_DATABASE_TIMEOUT = env_float("HEALTH_DATABASE_TIMEOUT", 1.0, minimum=0.0)
+HEALTH_MIN_FREE_MB = env_int("HEALTH_MIN_FREE_MB", 16, minimum=0)
 
 # --- Chat behaviour -----------------------------------------------------------
 CHAT_MAX_BODY_LENGTH = env_int("CHAT_MAX_BODY_LENGTH", 2000, minimum=1)
@@ -191,6 +199,9 @@ LOGGING = {
             "format": "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
         },
     },
+    "filters": {
+        "fold_connection_errors": {"()": "chatservice.logformat.FoldConnectionErrors"},
+    },
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
@@ -202,5 +213,9 @@ LOGGING = {
     "loggers": {
         # Django's own handlers would print a second, multi-line copy of errors.
         "django": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        # Its pub/sub reader logs a traceback per failed read while Redis is
+        # away. A logger's filters see only its own records, hence each module.
+        "channels_redis.pubsub": {"level": LOG_LEVEL, "filters": ["fold_connection_errors"]},
+        "channels_redis.core": {"level": LOG_LEVEL, "filters": ["fold_connection_errors"]},
     },
 }

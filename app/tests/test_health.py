@@ -20,7 +20,7 @@ def test_healthz_ok_under_wsgi(client, settings):
         "release": "20240101-abc",
         "interface": "wsgi",
         "database": connection.vendor,  # sqlite, or postgresql under DATABASE_URL=postgres://
-        "checks": {"database": "ok", "redis": "ok"},
+        "checks": {"database": "ok", "disk": "ok", "redis": "ok"},
     }
     assert "no-cache" in response["Cache-Control"]
 
@@ -48,6 +48,7 @@ def test_healthz_reports_a_database_failure(client, monkeypatch):
     assert response.status_code == 503
     assert response.json()["checks"] == {
         "database": "RuntimeError: database is gone",
+        "disk": "ok",
         "redis": "ok",
     }
 
@@ -73,3 +74,30 @@ async def test_healthz_says_asgi_under_asgi(asgi_app):
     body = json.loads(response["body"])
     assert body["interface"] == "asgi"
     assert body["status"] == "ok"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_healthz_names_a_locked_database(client, settings):
+    """Reads still pass under WAL while a writer holds the lock: the check asks for the lock."""
+    import sqlite3
+
+    settings.HEALTH_DATABASE_TIMEOUT = 0.2
+    holder = sqlite3.connect(connection.settings_dict["NAME"], isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        response = client.get("/healthz")
+        assert response.status_code == 503
+        assert "locked" in response.json()["checks"]["database"]
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert client.get("/healthz").json()["checks"]["database"] == "ok"
+
+
+def test_healthz_reports_a_nearly_full_disk(client, settings, tmp_path):
+    settings.DATA_DIR = tmp_path
+    settings.HEALTH_MIN_FREE_MB = 10**9  # more than any test machine has
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    disk = response.json()["checks"]["disk"]
+    assert "free in" in disk and str(tmp_path) in disk

@@ -65,7 +65,8 @@ def launched(redis_url, tmp_path):
     log = tmp_path / "daphne.log"
     process = subprocess.Popen(
         ["bash", "-c", f'exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ exec "$0" -m chatservice.serve_daphne '
-         '-v 0 --endpoint systemd:domain=UNIX:index=0 chatservice.asgi:application',
+         f'-v 0 --websocket-max-message-size {MAX_MESSAGE} --endpoint systemd:domain=UNIX:index=0 '
+         'chatservice.asgi:application',
          sys.executable],
         cwd=APP_DIR, env=env, pass_fds=(fd,), stdout=log.open("w"), stderr=subprocess.STDOUT,
     )
@@ -75,6 +76,10 @@ def launched(redis_url, tmp_path):
         stop(process)
         listener.close()
         notify.close()
+
+
+# Small, so that a history page exceeds it.
+MAX_MESSAGE = 4096
 
 
 def wait_ready(launched, timeout=30):
@@ -122,3 +127,27 @@ def test_open_websockets_are_closed_with_1012_on_sigterm(launched):
     assert (code, reason) == (1012, "service restart")
     assert seconds < 5
     assert launched["process"].wait(timeout=10) == 0
+
+
+def test_the_message_size_limit_holds_for_received_messages_only(launched):
+    wait_ready(launched)
+    body = "x" * 1000
+
+    async def scenario():
+        async with ws_connect("ws://localhost/ws/chat/big-history/", origin="http://localhost",
+                              unix=True, path=str(launched["socket"])) as ws:
+            await asyncio.wait_for(ws.recv(), 5)
+            for _ in range(6):
+                await ws.send(json.dumps({"type": "message", "nickname": "n", "body": body}))
+                await asyncio.wait_for(ws.recv(), 5)
+            # The answer is larger than the limit: it still arrives.
+            await ws.send(json.dumps({"type": "history", "since": 0}))
+            page = await asyncio.wait_for(ws.recv(), 5)
+            assert len(page) > MAX_MESSAGE
+            assert [m["seq"] for m in json.loads(page)["messages"]] == [1, 2, 3, 4, 5, 6]
+            # A message from the client beyond it still ends the connection.
+            await ws.send("y" * (MAX_MESSAGE + 1))
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+
+    asyncio.run(scenario())

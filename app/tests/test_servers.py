@@ -109,7 +109,7 @@ def test_gunicorn_health_says_wsgi(servers):
         "release": RELEASE,
         "interface": "wsgi",
         "database": "sqlite",  # the servers here run on a SQLite file
-        "checks": {"database": "ok", "redis": "ok"},
+        "checks": {"database": "ok", "disk": "ok", "redis": "ok"},
     }
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 from channels_redis.core import RedisChannelLayer
 from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.core.exceptions import ImproperlyConfigured
@@ -78,14 +79,16 @@ def test_production_defaults():
     assert values["USE_X_FORWARDED_HOST"] is False
     layer = values["CHANNEL_LAYERS"]["default"]
     assert layer["BACKEND"] == "channels_redis.pubsub.RedisPubSubChannelLayer"
-    assert layer["CONFIG"]["hosts"] == [
-        {
-            "address": "redis://127.0.0.1:6379/0",
-            "socket_timeout": None,
-            "socket_connect_timeout": 5,
-            "max_connections": 1000,
-        }
-    ]
+    host = dict(layer["CONFIG"]["hosts"][0])
+    retry = host.pop("retry")
+    assert host == {
+        "address": "redis://127.0.0.1:6379/0",
+        "socket_timeout": None,
+        "socket_connect_timeout": 5,
+        "max_connections": 1000,
+        "health_check_interval": 15,
+    }
+    assert retry.startswith("<redis.asyncio.retry.Retry")
     assert values["LOG_LEVEL"] == "INFO"
     assert (values["CHAT_MAX_BODY_LENGTH"], values["CHAT_RATE_PER_SECOND"], values["CHAT_RATE_BURST"]) == (2000, 10.0, 20)
 
@@ -233,18 +236,21 @@ def test_pubsub_layer_config(monkeypatch):
     monkeypatch.setenv("CHANNEL_LAYER", "pubsub")
     monkeypatch.setenv("REDIS_URL", "redis://:pw@redis.internal:6380/2")
     monkeypatch.setenv("REDIS_MAX_CONNECTIONS", "2500")
+    monkeypatch.setenv("REDIS_RETRIES", "5")
+    monkeypatch.setenv("REDIS_HEALTH_CHECK_INTERVAL", "7")
     layer = build_channel_layers()["default"]
     assert layer["BACKEND"] == "channels_redis.pubsub.RedisPubSubChannelLayer"
-    assert layer["CONFIG"] == {
-        "hosts": [
-            {
-                "address": "redis://:pw@redis.internal:6380/2",
-                "socket_timeout": None,
-                "socket_connect_timeout": 5,
-                "max_connections": 2500,
-            }
-        ]
+    [host] = layer["CONFIG"]["hosts"]
+    retry = host.pop("retry")
+    assert host == {
+        "address": "redis://:pw@redis.internal:6380/2",
+        "socket_timeout": None,
+        "socket_connect_timeout": 5,
+        "max_connections": 2500,
+        "health_check_interval": 7,
     }
+    assert retry.get_retries() == 5
+    assert redis.exceptions.ConnectionError in retry._supported_errors
 
 
 def test_core_layer_capacity_and_expiry(monkeypatch):
@@ -281,5 +287,9 @@ async def test_pool_options_reach_redis_py(kind, monkeypatch, tmp_path):
             assert pool.connection_kwargs["socket_timeout"] is None
             assert pool.connection_kwargs["socket_connect_timeout"] == 5
             assert pool.connection_kwargs["password"] == "pw"
+            assert pool.connection_kwargs["health_check_interval"] == 15
+            # The pool hands each connection a copy of the retry policy.
+            connection = pool.make_connection()
+            assert connection.retry.get_retries() == 3
         finally:
             await layer.flush()

@@ -19,6 +19,7 @@ import docker
 import pytest
 import testinfra.utils.ansible_runner
 from websockets.client import ClientProtocol
+from websockets.exceptions import ConnectionClosed
 from websockets.frames import Opcode
 from websockets.http11 import Response
 from websockets.protocol import State
@@ -90,8 +91,13 @@ class WebSocket:
                 frame = self.pending.pop(0)
                 if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
                     return frame.data.decode() if frame.opcode is Opcode.TEXT else frame.data
-            if self.protocol.state is State.CLOSED or self.protocol.close_rcvd is not None:
+            if self.protocol.state is State.CLOSED:
                 raise self.protocol.close_exc
+            if self.protocol.close_rcvd is not None:
+                # The server's close frame came; its TCP close may not have yet
+                # (close_exc is only defined once CLOSED).
+                sent = self.protocol.close_sent
+                raise ConnectionClosed(self.protocol.close_rcvd, sent, True if sent is not None else None)
             self._read(deadline)
 
     def close(self):

@@ -18,7 +18,7 @@ def test_http_is_served_by_gunicorn(edge):
     assert status == 200
     assert health["interface"] == "wsgi"
     assert health["status"] == "ok"
-    assert health["checks"] == {"database": "ok", "redis": "ok"}
+    assert health["checks"] == {"database": "ok", "disk": "ok", "redis": "ok"}
 
 
 def test_websocket_is_served_by_daphne(edge):

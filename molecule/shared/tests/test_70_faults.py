@@ -1,0 +1,453 @@
+"""Faults under live traffic: the chat rides through restarts and outages of its parts.
+
+Each test runs a room of WebSocket clients through Nginx (some of them
+posting a message a second, every one filling gaps by seq as the page does)
+and HTTP polling, causes one fault, and measures:
+
+- recovery: from the end of the fault (Redis answering again, the kill) until
+  a message posted afterwards has reached every client of the room, in
+  order, whatever instance it sits on;
+- sockets dropped, handshakes refused, HTTP errors;
+- messages: acknowledged (echoed to their sender), refused with an error
+  frame, in flight when their socket dropped, and lost: acknowledged but not
+  stored, never answered on an open socket, or missing from a client after
+  it caught up at the end. Lost must be 0.
+
+The figures go to the "measured" section of the run. Every fault is undone
+in a finalizer, and the host must answer healthily before the next test.
+"""
+
+import shlex
+import time
+import uuid
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from conftest import report
+from traffic import Traffic
+
+CLOSE_TRY_AGAIN_LATER = 1013
+# The room: 12 sockets over the Daphne instances, 4 of them posting.
+SOCKETS, SENDERS = 12, 4
+# How long a fault may take to heal before the test fails.
+RECOVERY_LIMIT = 60
+
+
+@pytest.fixture(autouse=True)
+def healthy_after(host, edge, daphne_instances):
+    """Whatever a test did, every part runs again and the service answers afterwards."""
+    yield
+    units = ["redis-server", "chat-gunicorn.socket", "chat-gunicorn.service"] + [
+        f"chat-daphne@{n}.{kind}" for n in daphne_instances for kind in ("socket", "service")]
+    # reset-failed: a unit that hit its start limit would refuse to start.
+    host.run("systemctl reset-failed 'chat-*'; systemctl start " + " ".join(units))
+    edge.wait_healthy(timeout=90)
+
+
+def new_room(name):
+    return f"fault-{name}-{uuid.uuid4().hex[:8]}"
+
+
+def post_probe(edge, room, timeout=RECOVERY_LIMIT):
+    """Posts one message through a fresh socket, retrying until it is echoed; returns its seq."""
+    deadline = time.monotonic() + timeout
+    body = f"probe {uuid.uuid4().hex}"
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with edge.websocket(f"/ws/chat/{room}/", timeout=10) as ws:
+                edge.receive(ws)  # the join history
+                ws.send(f'{{"type": "message", "nickname": "probe", "body": "{body}"}}')
+                while True:
+                    frame = edge.receive(ws, timeout=10)
+                    messages = frame.get("messages", [frame])
+                    for message in messages:
+                        if message.get("body") == body:
+                            return message["seq"]
+                    if frame["type"] == "error":
+                        raise AssertionError(f"probe refused: {frame}")
+        except (OSError, TimeoutError, ConnectionClosed, AssertionError) as error:
+            last = error
+            time.sleep(0.5)
+    raise AssertionError(f"no message could be posted in {timeout} s: {last!r}")
+
+
+def stored_messages(edge, room):
+    """Every message of the room, from history through a fresh socket, by seq."""
+    stored = {}
+    with edge.websocket(f"/ws/chat/{room}/") as ws:
+        edge.receive(ws)
+        while True:
+            since = max(stored, default=0)
+            ws.send(f'{{"type": "history", "since": {since}}}')
+            frame = edge.receive(ws)
+            while frame["type"] != "history":
+                frame = edge.receive(ws)
+            stored.update((m["seq"], m["body"]) for m in frame["messages"])
+            if len(frame["messages"]) < 200:
+                return stored
+
+
+def recovery_after(traffic, edge, room, fault_end):
+    """Seconds from the fault's end until a message posted now has reached every client."""
+    seq = post_probe(edge, room)
+    traffic.wait_seen_by_all(seq, timeout=RECOVERY_LIMIT)
+    return time.monotonic() - fault_end
+
+
+def tracebacks_since(host, since):
+    out = host.check_output(
+        f"journalctl -q -o cat -u 'chat-*' --since @{since:.0f} | grep -c Traceback || true")
+    return int(out or 0)
+
+
+def account(name, edge, room, counts, recovery, expect_drops=None, sockets=SOCKETS):
+    """Checks that nothing was lost, reports the fault's figures, returns them."""
+    stored = stored_messages(edge, room)
+    seqs = sorted(stored)
+    assert seqs == list(range(1, len(seqs) + 1)), f"{name}: holes in the stored seqs"
+    bodies = set(stored.values())
+    not_stored = [body for body in counts.acknowledged if body not in bodies]
+    clients = [seen for seen in counts.seen if seen is not None]
+    missing = [len(set(seqs) - seen.seqs) for seen in clients]
+    lost = len(not_stored) + len(counts.silent) + sum(missing)
+    dropped = len(counts.reconnects) + len(counts.closed_on_join)
+    http_errors = len(counts.http_failed)
+    sent = len(counts.acknowledged) + len(counts.refused) + len(counts.dropped_in_flight) + len(counts.silent)
+    report(f"fault {name}: recovery {recovery:.1f} s, sockets dropped {dropped}, "
+           f"handshakes failed {len(counts.ws_failed_handshakes)}, HTTP errors {http_errors} "
+           f"of {counts.http_ok + http_errors}, messages sent {sent} (acknowledged {len(counts.acknowledged)}, "
+           f"refused {len(counts.refused)}, in flight at a drop {len(counts.dropped_in_flight)}), "
+           f"stored {len(seqs)}, {len(clients)} clients saw all after catching up: "
+           f"{sum(1 for m in missing if m == 0)}, lost {lost}")
+    assert not_stored == [], f"{name}: acknowledged but not stored: {not_stored[:5]}"
+    assert counts.silent == [], f"{name}: posts never answered on an open socket: {counts.silent[:5]}"
+    assert len(clients) == sockets, f"{name}: only {len(clients)} of {sockets} clients were connected at the end"
+    assert missing == [0] * len(clients), f"{name}: messages missing per client after catching up: {missing}"
+    assert len(counts.acknowledged) > 0, f"{name}: no message was posted"
+    assert lost == 0
+    if expect_drops is not None:
+        assert dropped == expect_drops, f"{name}: {dropped} sockets dropped, expected {expect_drops}"
+    return dropped, http_errors
+
+
+def room_traffic(edge, room):
+    # HTTP polls the lobby: it needs the database, not Redis (/healthz answers
+    # 503 while Redis is away, by design).
+    return Traffic(edge, room, http_clients=2, sockets=SOCKETS, senders=SENDERS, path="/",
+                   max_seconds=240)
+
+
+def test_redis_restart_keeps_sockets_open_and_loses_nothing(host, edge):
+    room = new_room("redis-restart")
+    started = time.time()
+    traffic = room_traffic(edge, room)
+    with traffic as counts:
+        time.sleep(2)
+        host.run_expect([0], "systemctl restart redis-server")
+        recovery = recovery_after(traffic, edge, room, time.monotonic())
+        time.sleep(2)
+    account("Redis restart", edge, room, counts, recovery, expect_drops=0)
+    assert counts.http_failed == [], counts.http_failed[:5]
+    assert counts.ws_failed_handshakes == []
+    assert recovery < 5 + 5, f"messages flowed again only {recovery:.1f} s after Redis answered"
+    assert tracebacks_since(host, started) == 0
+
+
+def test_redis_stopped_for_10_s(host, edge):
+    room = new_room("redis-stop")
+    started = time.time()
+    traffic = room_traffic(edge, room)
+    with traffic as counts:
+        time.sleep(2)
+        host.run_expect([0], "systemctl stop redis-server")
+        stopped = time.monotonic()
+        time.sleep(2)
+        # Meanwhile: health names the failing check; a new handshake is
+        # accepted and closed with 1013, never answered with 500.
+        status, health = edge.get_json("/healthz")
+        assert status == 503 and health["checks"]["redis"] != "ok", health
+        assert health["checks"]["database"] == "ok", health
+        with edge.websocket(f"/ws/chat/{new_room('during')}/") as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=15)
+        assert closed.value.rcvd.code == CLOSE_TRY_AGAIN_LATER
+        time.sleep(max(0.0, 10 - (time.monotonic() - stopped)))
+        host.run_expect([0], "systemctl start redis-server")
+        recovery = recovery_after(traffic, edge, room, time.monotonic())
+        time.sleep(2)
+    account("Redis stopped 10 s", edge, room, counts, recovery, expect_drops=0)
+    assert counts.http_failed == [], counts.http_failed[:5]
+    assert counts.refused == [], "posts during the outage are stored, not refused"
+    assert recovery < 5 + 5, f"messages flowed again only {recovery:.1f} s after Redis answered"
+    assert tracebacks_since(host, started) == 0
+
+
+def _connections_to(host, instance):
+    out = host.check_output(f"ss -xH state connected | grep -c ' /run/chat/daphne-{instance}.sock ' || true")
+    return int(out or 0)
+
+
+def test_kill_9_each_daphne_in_turn(host, edge, daphne_instances):
+    room = new_room("daphne-kill")
+    traffic = room_traffic(edge, room)
+    with traffic as counts:
+        for instance in daphne_instances:
+            time.sleep(2)
+            unit = f"chat-daphne@{instance}.service"
+            before = host.check_output(f"systemctl show -p MainPID --value {unit}")
+            on_instance = _connections_to(host, instance)
+            drops_before = len(counts.reconnects)
+            host.run_expect([0], f"kill -9 {before}")
+            killed = time.monotonic()
+            recovery = recovery_after(traffic, edge, room, killed)
+            deadline = time.monotonic() + RECOVERY_LIMIT
+            while host.check_output(f"systemctl show -p MainPID --value {unit}") in (before, "0"):
+                assert time.monotonic() < deadline, f"systemd did not restart {unit}"
+                time.sleep(0.5)
+            assert host.service(unit).is_running
+            time.sleep(1)
+            drops = len(counts.reconnects) - drops_before
+            # Only the killed instance's clients dropped; the others stayed.
+            assert drops <= on_instance, f"{drops} dropped, {on_instance} were on the killed instance"
+            report(f"fault kill -9 chat-daphne@{instance}: recovery {recovery:.1f} s, "
+                   f"its {on_instance} sockets dropped and came back: {drops}")
+        time.sleep(2)
+    account("kill -9 each Daphne", edge, room, counts, recovery)
+    assert counts.http_failed == [], counts.http_failed[:5]
+
+
+def _unit_value(host, unit, prop):
+    return host.check_output(f"systemctl show -p {prop} --value {unit}")
+
+
+def _cgroup_file(group, v1_name, v2_name):
+    """A command printing a memory file of a unit's cgroup (v1 on these hosts, v2 elsewhere)."""
+    # Quoted: unit cgroups hold escapes such as system-chat\x2ddaphne.slice.
+    return (f"cat '/sys/fs/cgroup/memory{group}/{v1_name}' 2>/dev/null "
+            f"|| cat '/sys/fs/cgroup{group}/{v2_name}'")
+
+
+def test_app_units_have_memory_ceilings_sized_from_the_host(host, daphne_instances):
+    total = int(host.check_output("awk '/^MemTotal:/ {print $2}' /proc/meminfo")) * 1024
+    daphnes = [f"chat-daphne@{n}.service" for n in daphne_instances]
+    ceilings = {}
+    for unit in daphnes + ["chat-gunicorn.service"]:
+        high, highest = _unit_value(host, unit, "MemoryHigh"), _unit_value(host, unit, "MemoryMax")
+        assert highest.isdigit() and high.isdigit(), f"{unit}: MemoryHigh={high} MemoryMax={highest}"
+        assert 0 < int(high) < int(highest) < total, f"{unit}: MemoryHigh={high} MemoryMax={highest}"
+        ceilings[unit] = int(highest)
+        # What the kernel enforces (cgroup v1 here: memory.limit_in_bytes).
+        group = _unit_value(host, unit, "ControlGroup")
+        limit = host.run(_cgroup_file(group, "memory.limit_in_bytes", "memory.max"))
+        assert limit.stdout.split()[0] == str(highest), f"{unit}: the cgroup's limit is {limit.stdout}"
+    # Together the Daphnes may take half of the host's memory, Gunicorn a quarter.
+    assert sum(ceilings[unit] for unit in daphnes) <= total // 2
+    assert ceilings["chat-gunicorn.service"] <= total // 4
+    report("memory ceilings (MemoryMax): " + ", ".join(
+        f"{unit.split('.')[0]} {ceilings[unit] // 2**20} MiB" for unit in ceilings)
+        + f" of {total // 2**20} MiB")
+
+
+@pytest.fixture
+def daphne_ceiling(host):
+    """Sets a runtime MemoryMax on Daphne 1 just above what it uses then; lifted at the end."""
+    unit = "chat-daphne@1.service"
+
+    def lower():
+        group = _unit_value(host, unit, "ControlGroup")
+        used = int(host.check_output(_cgroup_file(group, "memory.usage_in_bytes", "memory.current")))
+        restarts = int(_unit_value(host, unit, "NRestarts"))
+        host.run_expect([0], f"systemctl set-property --runtime {unit} MemoryMax={used + 2**19}")
+        return restarts
+
+    def lift():
+        host.run(f"rm -rf /run/systemd/system.control/{unit}.d && systemctl daemon-reload")
+
+    try:
+        yield unit, lower, lift
+    finally:
+        lift()
+
+
+def test_a_daphne_past_its_memory_ceiling_is_restarted_like_a_crash(host, edge, daphne_ceiling):
+    unit, lower, lift = daphne_ceiling
+    # A fresh process: one that served many sockets before reuses the memory
+    # it freed, and would take long to grow past the ceiling.
+    host.run_expect([0], f"systemctl restart {unit}")
+    room = new_room("memory")
+    traffic = room_traffic(edge, room)
+    with traffic as counts:
+        time.sleep(2)
+        restarts = lower()
+        # More sockets, in another room: about half land on Daphne 1 and, at
+        # ~50 KiB each, take it past the ceiling.
+        # Not waiting for them all: the ceiling must be lifted as soon as it killed.
+        with Traffic(edge, new_room("memory-load"), http_clients=0, sockets=60, max_seconds=180,
+                     wait_open=False):
+            deadline = time.monotonic() + 2 * RECOVERY_LIMIT
+            while int(_unit_value(host, unit, "NRestarts")) == restarts:
+                assert time.monotonic() < deadline, f"{unit} was not killed at its memory ceiling"
+                time.sleep(0.2)
+            killed = time.monotonic()
+            # Back to the configured ceiling, or it would be killed again at once.
+            lift()
+        recovery = recovery_after(traffic, edge, room, killed)
+        while host.run(f"systemctl is-active {unit}").stdout.strip() != "active":
+            assert time.monotonic() < deadline, f"{unit} did not come back"
+            time.sleep(0.2)
+        time.sleep(2)
+    dropped, _ = account("Daphne past MemoryMax", edge, room, counts, recovery)
+    assert dropped > 0, "the instance was restarted but none of its sockets noticed"
+    killed_by = host.check_output(f"journalctl -u {unit} --since '-5min' -o cat | grep -c 'status=9/KILL' || true")
+    assert int(killed_by) >= 1, "systemd did not record the kill"
+
+
+def test_kill_9_gunicorn_master_under_http_load(host, edge):
+    unit = "chat-gunicorn.service"
+    # A request may wait for the whole restart: a long client timeout.
+    with Traffic(edge, new_room("gunicorn"), http_clients=4, sockets=0, max_seconds=120,
+                 http_timeout=60) as counts:
+        time.sleep(2)
+        before = host.check_output(f"systemctl show -p MainPID --value {unit}")
+        host.run_expect([0], f"kill -9 {before}")
+        killed = time.monotonic()
+        deadline = killed + RECOVERY_LIMIT
+        while host.check_output(f"systemctl show -p MainPID --value {unit}") in (before, "0") \
+                or not host.service(unit).is_running:
+            assert time.monotonic() < deadline, f"systemd did not restart {unit}"
+            time.sleep(0.2)
+        served_before = counts.http_ok
+        while counts.http_ok < served_before + 4:
+            assert time.monotonic() < deadline, "no request answered after the restart"
+            time.sleep(0.1)
+        recovery = time.monotonic() - killed
+        time.sleep(2)
+    report(f"fault kill -9 Gunicorn master: recovery {recovery:.1f} s, sockets dropped 0, "
+           f"HTTP errors {len(counts.http_failed)} of {counts.http_ok + len(counts.http_failed)}, "
+           f"messages lost 0 (no posts)")
+    # Requests queued on the socket that systemd holds, and were answered.
+    assert counts.http_failed == [], counts.http_failed[:5]
+    assert counts.http_ok > 20
+
+
+DATA_DIR = "/srv/chat/shared/data"
+DATABASE = f"{DATA_DIR}/db.sqlite3"
+
+
+def _as_chat_python(code):
+    """A command running Python code as the app's user (files it creates stay the app's)."""
+    return f"runuser -u chat -- python3 -c {shlex.quote(code)}"
+
+
+def _history_latency(edge, room):
+    """Seconds a fresh socket waits for a history answer."""
+    with edge.websocket(f"/ws/chat/{room}/") as ws:
+        edge.receive(ws)
+        started = time.monotonic()
+        ws.send('{"type": "history", "since": 0}')
+        while edge.receive(ws)["type"] != "history":
+            pass
+        return time.monotonic() - started
+
+
+def _health_check_fails(edge, check, text, timeout=10):
+    deadline = time.monotonic() + timeout
+    while True:
+        status, health = edge.get_json("/healthz")
+        if status == 503 and text in health["checks"][check]:
+            return health
+        assert time.monotonic() < deadline, f"/healthz did not report {check} ({text}): {status} {health}"
+        time.sleep(0.3)
+
+
+def test_a_locked_database_is_reported_refused_and_resumes(host, edge):
+    room = new_room("db-locked")
+    hold = 8
+    traffic = room_traffic(edge, room)
+    with traffic as counts:
+        time.sleep(2)
+        # Another process holds SQLite's write lock, as a long transaction would.
+        host.run_expect([0], "nohup " + _as_chat_python(
+            "import sqlite3, time\n"
+            f"c = sqlite3.connect({DATABASE!r}, isolation_level=None)\n"
+            f"c.execute('BEGIN IMMEDIATE')\ntime.sleep({hold})\nc.execute('ROLLBACK')\n")
+            + " >/dev/null 2>&1 &")
+        locked_at = time.monotonic()
+        health = _health_check_fails(edge, "database", "locked")
+        # Reads of other sockets go on while posts wait for the lock.
+        latency = max(_history_latency(edge, room) for _ in range(3))
+        time.sleep(max(0.0, hold - (time.monotonic() - locked_at)))
+        recovery = recovery_after(traffic, edge, room, time.monotonic())
+        time.sleep(2)
+    report(f"fault database locked {hold} s: /healthz said {health['checks']['database']!r}; "
+           f"history answered in {latency:.2f} s at most while posts waited")
+    account("database locked", edge, room, counts, recovery, expect_drops=0)
+    assert {code for _, code in counts.refused} <= {"store_failed"}, counts.refused
+    assert latency < 2, f"a history read waited {latency:.2f} s behind the stuck writes"
+    edge.wait_healthy()
+
+
+def _sqlite_backup(source, target):
+    """Copies a live-format SQLite database consistently (WAL included), as the app's user."""
+    return _as_chat_python(
+        "import sqlite3\n"
+        f"s, t = sqlite3.connect({source!r}), sqlite3.connect({target!r})\n"
+        "s.backup(t)\nt.close()\ns.close()\n")
+
+
+@pytest.fixture
+def small_data_filesystem(host, daphne_instances):
+    """The data folder on a 64 MiB tmpfs of its own, with a copy of the database; put back at the end.
+
+    Nothing is deleted from the data folder: the tmpfs is mounted over it
+    (hiding its files, which stay as they were), and at the end the database
+    as the test left it is written back with SQLite's backup API, which also
+    settles the hidden folder's own -wal and -shm files (copying the files
+    instead mixed a new database with an old write-ahead log: "malformed").
+    Every app unit and socket is stopped meanwhile, so nothing opens it.
+    """
+    units = " ".join([f"chat-daphne@{n}.{kind}" for n in daphne_instances for kind in ("service", "socket")]
+                     + ["chat-gunicorn.service", "chat-gunicorn.socket"])
+    copy = f"/tmp/faults-data-{uuid.uuid4().hex[:8]}.sqlite3"
+    host.run_expect([0], f"systemctl stop {units}")
+    try:
+        host.run_expect([0], _sqlite_backup(DATABASE, copy))
+        host.run_expect([0], f"mount -t tmpfs -o size=64m,mode=0750,uid=chat,gid=chat faults-data {DATA_DIR}")
+        host.run_expect([0], _sqlite_backup(copy, DATABASE))
+        host.run_expect([0], f"systemctl start {units}")
+        yield
+    finally:
+        host.run(f"rm -f {DATA_DIR}/filler")
+        host.run_expect([0], f"systemctl stop {units}")
+        if host.run(f"mountpoint -q {DATA_DIR}").rc == 0:
+            host.run_expect([0], _sqlite_backup(DATABASE, copy))
+            host.run_expect([0], f"umount {DATA_DIR}")
+            host.run_expect([0], _sqlite_backup(copy, DATABASE))
+        host.run(f"rm -f {copy}")
+
+
+def test_a_full_data_filesystem_is_reported_and_recovers(host, edge, small_data_filesystem):
+    edge.wait_healthy(timeout=90)
+    room = new_room("disk-full")
+    traffic = room_traffic(edge, room)
+    with traffic as counts:
+        time.sleep(2)
+        # Fill it: dd stops at the first write that finds no space.
+        host.run(f"dd if=/dev/zero of={DATA_DIR}/filler bs=1M status=none")
+        assert host.run(f"df --output=avail -B1 {DATA_DIR} | tail -1").stdout.strip() == "0"
+        health = _health_check_fails(edge, "disk", "free in")
+        time.sleep(6)  # posts meet the full disk
+        host.run_expect([0], f"rm -f {DATA_DIR}/filler")
+        recovery = recovery_after(traffic, edge, room, time.monotonic())
+        time.sleep(2)
+    report(f"fault data filesystem full: /healthz said {health['checks']['disk']!r}, "
+           f"database check {health['checks']['database']!r}; posts refused meanwhile: {len(counts.refused)}")
+    account("data filesystem full", edge, room, counts, recovery, expect_drops=0)
+    assert {code for _, code in counts.refused} <= {"store_failed"}, counts.refused
+    # Nothing stored was damaged.
+    check = host.check_output(_as_chat_python(
+        f"import sqlite3; print(sqlite3.connect({DATABASE!r}).execute('PRAGMA integrity_check').fetchone()[0])"))
+    assert check == "ok"
+    edge.wait_healthy()

@@ -107,6 +107,13 @@ def targets(results):
     return ["## Targets (issue 10)", "", "| target | measured | |", "|---|---|---|", *rows, ""]
 
 
+def lost(r):
+    """Sockets that did not answer the ping after the hold: closed, or only late."""
+    if "closed_before_ping" not in r:
+        return ""
+    return f"; closed {r['closed_before_ping']:,}, no pong in 30 s {r['no_pong_in_30s']:,}"
+
+
 def table(folder):
     folder = pathlib.Path(folder)
     results = load(folder)
@@ -144,7 +151,7 @@ def table(folder):
                if r.get("kib_per_connection") else "–")
         lines.append(
             f"| {name} | {r['attempted']:,} | {r['accepted']:,} | {r['http_status'] or 0} | {r['refused']} "
-            f"| {r['timeouts']} | {r['other_errors'] or 0} | {r['still_open_after_hold']:,} ({r['hold_s']:g} s) "
+            f"| {r['timeouts']} | {r['other_errors'] or 0} | {r['still_open_after_hold']:,} ({r['hold_s']:g} s{lost(r)}) "
             f"| {r['handshakes_per_s']} | {per} | {r.get('loadavg_before', '–')} → {r.get('loadavg_after', '–')} |")
     lines.append("")
 

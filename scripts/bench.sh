@@ -247,7 +247,10 @@ measure() {
     wait_for_quiet
     scenario fanout-1000 "${lg[@]}" --procs 4 fanout --cpu-cmd "$cpu" --members 1000 --senders 1 --rate 5 --duration "$send" --drain "$drain"
   fi
-  wanted burst && scenario burst "${lg[@]}" --procs 4 burst --count "$burst" --hold 5
+  # Every handshake at once: they queue in Nginx, in Daphne (which waits
+  # daphne_websocket_connect_timeout, 120 s, for the app) and in the client's
+  # own TLS work (one core, Python), so each may wait longer than 30 s.
+  wanted burst && scenario burst "${lg[@]}" --procs 4 --open-timeout 180 burst --count "$burst" --hold 5
   # Memory per connection: the resident memory of the Daphne units and of
   # Nginx (their cgroups' processes) with every socket held, minus before.
   wanted idle && scenario idle "${lg[@]}" --procs 4 --open-timeout 60 idle --count "$idle" --hold "$hold" \

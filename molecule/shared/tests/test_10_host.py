@@ -25,7 +25,7 @@ def sizing(host):
     """What the inventory asks one host to take at once (group_vars/all.yml)."""
     name = host.backend.get_hostname()
     return {key: int(inventory_value(name, f"chat_{key}"))
-            for key in ("websocket_capacity", "handshake_burst", "reserved_descriptors")}
+            for key in ("websocket_capacity", "handshake_burst", "reserved_descriptors", "listen_backlog")}
 
 
 def _backlogs(host):
@@ -54,6 +54,14 @@ def test_daphne_instances_sized_for_cpus_burst_and_sockets(host, daphne_instance
         - sizing["reserved_descriptors"]
         for n in daphne_instances]
     assert sum(per_instance) >= sizing["websocket_capacity"], per_instance
+
+
+def test_nginx_listens_with_the_backlog_it_asks_for(host, sizing):
+    # Nginx's own default is 511: a burst of handshakes beyond it waits for
+    # SYN retransmits. Send-Q of a listener is its backlog.
+    listeners = [line.split() for line in host.check_output("ss -Hltn '( sport = :80 or sport = :443 )'").splitlines()]
+    assert listeners
+    assert {fields[3] for fields in listeners} == {str(sizing["listen_backlog"])}, listeners
 
 
 def test_nginx_workers_sized_for_the_websockets_under_their_descriptor_limit(host, sizing):

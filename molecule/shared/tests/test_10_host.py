@@ -58,10 +58,10 @@ def test_daphne_instances_sized_for_cpus_burst_and_sockets(host, daphne_instance
 
 def test_nginx_listens_with_the_backlog_it_asks_for(host, sizing):
     # Nginx's own default is 511: a burst of handshakes beyond it waits for
-    # SYN retransmits. Send-Q of a listener is its backlog.
+    # SYN retransmits. State Recv-Q Send-Q Local ...: Send-Q is a listener's backlog.
     listeners = [line.split() for line in host.check_output("ss -Hltn '( sport = :80 or sport = :443 )'").splitlines()]
     assert listeners
-    assert {fields[3] for fields in listeners} == {str(sizing["listen_backlog"])}, listeners
+    assert {fields[2] for fields in listeners} == {str(sizing["listen_backlog"])}, listeners
 
 
 def test_nginx_workers_sized_for_the_websockets_under_their_descriptor_limit(host, sizing):

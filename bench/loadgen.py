@@ -11,9 +11,13 @@ object on stdout; bench.sh stores it and report.py turns it into tables.
     loadgen.py idle   --count 20000 --hold 30 --rss-cmd 'docker exec chat-bench ...'
     loadgen.py http   --path /healthz [--unix /proc/PID/root/run/chat/gunicorn.sock]
 
-WebSockets go to --connect HOST:PORT with the URL's host in the Host header
-(`--url ws://localhost/...`), so the Host and Origin the app expects are sent
-while the traffic stays on the benchmark container's own address.
+Everything goes to --connect HOST:PORT (the benchmark container's own address,
+port 443) over TLS, with --server-name (localhost) as the SNI name, the Host
+header and the name checked in the certificate, which is pinned with --cafile
+(the host's self-signed one): the edge refuses a handshake without a name it
+serves, and the app a WebSocket whose Origin (--origin) is not the site's.
+--plain speaks clear text instead (the Nginx ceiling server, Gunicorn's
+unix socket).
 """
 
 import argparse
@@ -22,6 +26,7 @@ import json
 import multiprocessing
 import os
 import resource
+import ssl
 import subprocess
 import sys
 import time
@@ -30,7 +35,7 @@ import uuid
 import websockets
 from websockets.asyncio.client import connect
 
-ORIGIN = "http://localhost:8090"
+ORIGIN = "https://localhost"
 
 
 def percentiles(values, points=(50, 95, 99)):
@@ -51,13 +56,27 @@ def raise_nofile():
     return hard
 
 
+def tls_context(args):
+    """None for --plain; otherwise a client context that trusts --cafile only."""
+    if args.plain:
+        return None
+    if not args.cafile:
+        sys.exit("--cafile (the site's certificate) is required for TLS, or --plain")
+    context = ssl.create_default_context(cafile=args.cafile)
+    # HTTP/1.1: what the load generator speaks (Nginx offers h2 too).
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
 def ws_connect(args, path, **extra):
     host, port = args.connect.rsplit(":", 1)
+    tls = {} if args.plain else {"ssl": args.tls, "server_hostname": args.server_name}
     return connect(
-        f"ws://localhost{path}",
+        f"{'ws' if args.plain else 'wss'}://{args.server_name}{path}",
         host=host,
         port=int(port),
         origin=args.origin,
+        **tls,
         compression=None,
         # Never through a proxy from the environment: only the benchmark host.
         proxy=None,
@@ -295,14 +314,26 @@ async def hold_worker(args, count, ready, release, concurrency):
     deadline = time.monotonic() + args.hold + 60
     while release.value == 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-    # Still open after the hold: a ping answered by the server proves it.
+    # Still open after the hold: a ping answered by the server proves it. A
+    # few hundred in flight at a time, each with time enough on a busy
+    # machine: a late pong is counted apart from a socket that was closed.
+    pings = asyncio.Semaphore(200)
+
     async def alive(ws):
-        try:
-            await asyncio.wait_for(await ws.ping(), 10)
-            return True
-        except Exception:
-            return False
-    result["still_open"] = sum(await asyncio.gather(*(alive(ws) for ws in sockets)))
+        async with pings:
+            try:
+                await asyncio.wait_for(await ws.ping(), 30)
+                return "open"
+            except websockets.ConnectionClosed:
+                return "closed"
+            except (asyncio.TimeoutError, TimeoutError):
+                return "no_pong"
+            except Exception:
+                return "closed"
+    states = await asyncio.gather(*(alive(ws) for ws in sockets))
+    result["still_open"] = states.count("open")
+    result["closed"] = states.count("closed")
+    result["no_pong"] = states.count("no_pong")
     await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
     return result
 
@@ -349,7 +380,7 @@ def hold(args, scenario):
     time.sleep(args.hold)
     rss_held = rss_kib(args.rss_cmd)
     release.value = 1
-    results = [out.get(timeout=180) for _ in procs]
+    results = [out.get(timeout=args.count / 20 + 240) for _ in procs]
     for p in procs:
         p.join(timeout=30)
     merged = {"status": {}, "other": {}}
@@ -366,6 +397,8 @@ def hold(args, scenario):
         "timeouts": sum(r["timeouts"] for r in results),
         "other_errors": merged["other"],
         "still_open_after_hold": sum(r["still_open"] for r in results),
+        "closed_before_ping": sum(r["closed"] for r in results),
+        "no_pong_in_30s": sum(r["no_pong"] for r in results),
         "hold_s": args.hold,
         "connect_s": round(connect_s, 2),
         "handshakes_per_s": round(accepted / connect_s, 1) if connect_s else None,
@@ -383,8 +416,9 @@ def hold(args, scenario):
 
 
 async def http_worker(args, stop_at, out):
-    request = (f"GET {args.path} HTTP/1.1\r\nHost: {args.host}\r\n"
-               f"User-Agent: chat-bench\r\n\r\n").encode()
+    extra = "".join(f"{header}\r\n" for header in args.header)
+    request = (f"GET {args.path} HTTP/1.1\r\nHost: {args.server_name}\r\n"
+               f"User-Agent: chat-bench\r\n{extra}\r\n").encode()
     latencies, status = [], {}
     errors = 0
 
@@ -398,7 +432,8 @@ async def http_worker(args, stop_at, out):
                         reader, writer = await asyncio.open_unix_connection(args.unix)
                     else:
                         host, port = args.connect.rsplit(":", 1)
-                        reader, writer = await asyncio.open_connection(host, int(port))
+                        tls = {} if args.plain else {"ssl": args.tls, "server_hostname": args.server_name}
+                        reader, writer = await asyncio.open_connection(host, int(port), **tls)
                 began = time.monotonic()
                 writer.write(request)
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -414,7 +449,7 @@ async def http_worker(args, stop_at, out):
                 if headers.get("connection", "").lower() == "close" or "content-length" not in headers:
                     writer.close()
                     writer = None
-            except (OSError, asyncio.IncompleteReadError, IndexError):
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, IndexError):
                 errors += 1
                 if writer is not None:
                     writer.close()
@@ -453,7 +488,7 @@ def http(args):
         "scenario": "http",
         "target": args.label or args.path,
         "path": args.path,
-        "via": "unix:" + args.unix if args.unix else args.connect,
+        "via": "unix:" + args.unix if args.unix else ("http://" if args.plain else "https://") + args.connect,
         "connections": args.conns * args.procs,
         "duration_s": args.duration,
         "requests": len(latencies),
@@ -468,7 +503,11 @@ def http(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--connect", default="127.0.0.1:8090", help="HOST:PORT to connect to")
+    parser.add_argument("--connect", default="127.0.0.1:443", help="HOST:PORT to connect to")
+    parser.add_argument("--server-name", default="localhost",
+                        help="the site's name: SNI, Host header and certificate name")
+    parser.add_argument("--cafile", default="", help="the site's certificate (PEM), trusted alone")
+    parser.add_argument("--plain", action="store_true", help="clear text instead of TLS")
     parser.add_argument("--origin", default=ORIGIN)
     parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--open-timeout", type=float, default=30)
@@ -495,12 +534,15 @@ def main():
     w = sub.add_parser("http")
     w.add_argument("--path", required=True)
     w.add_argument("--label", default="")
-    w.add_argument("--host", default="localhost")
+    w.add_argument("--header", action="append", default=[], metavar="NAME: VALUE",
+                   help="an extra request header (e.g. X-Forwarded-Proto: https to Gunicorn)")
     w.add_argument("--unix", default="")
     w.add_argument("--conns", type=int, default=64)
     w.add_argument("--duration", type=float, default=10)
 
     args = parser.parse_args()
+    args.plain = args.plain or bool(getattr(args, "unix", ""))
+    args.tls = tls_context(args)
     # Hard bounds whatever the arguments: at most 10 minutes and 60,000 sockets.
     for name in ("duration", "drain", "hold"):
         if getattr(args, name, 0) > 300:

@@ -31,6 +31,9 @@ def parse_wrk(text):
         scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0}[p99.group(2)]
         result["p99_s"] = round(float(p99.group(1)) * scale, 6)
     result["non_2xx"] = int(non2xx.group(1)) if non2xx else 0
+    load = re.search(r"^load average: (.*)$", text, re.M)
+    if load:
+        result["load"] = load.group(1).replace("->", "→")
     return result
 
 
@@ -70,6 +73,47 @@ def figures(results):
     return out
 
 
+def verdict(ok):
+    return "met" if ok else "**not met**"
+
+
+def targets(results):
+    """Issue 10's targets next to what this run measured."""
+    rows = []
+    for name, members, bound in (("fanout-100", 100, 0.250), ("fanout-1000", 1000, 0.100)):
+        r = results.get(name)
+        if r:
+            p99 = r["latency_s"]["p99"]
+            ok = r["delivered_pct"] == 100 and p99 is not None and p99 < bound
+            rows.append(f"| room of {members:,}, {r['senders'] * r['rate_per_sender']:g} msg/s in: 100 % delivered, "
+                        f"p99 under {bound * 1000:.0f} ms | {r['delivered_pct']} %, p99 {ms(p99)} "
+                        f"(load {r['loadavg_before']} → {r['loadavg_after']}) | {verdict(ok)} |")
+    r = results.get("burst")
+    if r:
+        rows.append(f"| {r['attempted']:,} handshakes at once, all accepted | {r['accepted']:,} accepted "
+                    f"| {verdict(r['accepted'] == r['attempted'])} |")
+    r = results.get("idle")
+    if r:
+        held = r["still_open_after_hold"]
+        rows.append(f"| {r['attempted']:,} idle sockets held on the demo host | {held:,} still answer a ping "
+                    f"after {r['hold_s']:g} s | {verdict(held == r['attempted'])} |")
+        per = r.get("kib_per_connection")
+        if per:
+            rows.append(f"| 50,000 on a host without the 20,000-descriptor limit (on paper) "
+                        f"| 50,000 x {per} KiB = {50000 * per / 1024 / 1024:.2f} GiB of Daphne and Nginx memory, "
+                        f"100,000 Nginx connections | arithmetic |")
+    if not rows:
+        return []
+    return ["## Targets (issue 10)", "", "| target | measured | |", "|---|---|---|", *rows, ""]
+
+
+def lost(r):
+    """Sockets that did not answer the ping after the hold: closed, or only late."""
+    if "closed_before_ping" not in r:
+        return ""
+    return f"; closed {r['closed_before_ping']:,}, no pong in 30 s {r['no_pong_in_30s']:,}"
+
+
 def table(folder):
     folder = pathlib.Path(folder)
     results = load(folder)
@@ -77,6 +121,7 @@ def table(folder):
     host = folder / "host.txt"
     if host.exists():
         lines += ["```", host.read_text().rstrip(), "```", ""]
+    lines += targets(results)
 
     lines += ["## WebSocket fan-out (through Nginx, the app's protocol)", "",
               "| room | demand | delivered | p50 | p95 | p99 | max | frames/s | messages/s | behind | out of order | server CPU per 1,000 deliveries | load avg before → after |",
@@ -96,27 +141,31 @@ def table(folder):
     lines.append("")
 
     lines += ["## Handshakes and idle sockets", "",
-              "| scenario | attempted | accepted | HTTP errors | refused | timeouts | other | still open after hold | handshakes/s | memory per connection |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| scenario | attempted | accepted | HTTP errors | refused | timeouts | other | still open after hold | handshakes/s | memory per connection | load avg before → after |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("burst", "idle"):
         r = results.get(name)
         if not r:
             continue
-        per = f"{r['kib_per_connection']} KiB (Daphne + Nginx RSS)" if r.get("kib_per_connection") else "–"
+        per = (f"{r['kib_per_connection']} KiB (RSS of the Daphne and Nginx units' processes)"
+               if r.get("kib_per_connection") else "–")
         lines.append(
             f"| {name} | {r['attempted']:,} | {r['accepted']:,} | {r['http_status'] or 0} | {r['refused']} "
-            f"| {r['timeouts']} | {r['other_errors'] or 0} | {r['still_open_after_hold']:,} ({r['hold_s']:g} s) "
-            f"| {r['handshakes_per_s']} | {per} |")
+            f"| {r['timeouts']} | {r['other_errors'] or 0} | {r['still_open_after_hold']:,} ({r['hold_s']:g} s{lost(r)}) "
+            f"| {r['handshakes_per_s']} | {per} | {r.get('loadavg_before', '–')} → {r.get('loadavg_after', '–')} |")
     lines.append("")
 
-    lines += ["## HTTP", "", "| target | client | req/s | p50 | p99 | non-2xx / errors |", "|---|---|---|---|---|---|"]
+    lines += ["## HTTP", "", "| target | client | req/s | p50 | p99 | non-2xx / errors | load avg before → after |",
+              "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         if r.get("scenario") == "http":
             bad = sum(n for code, n in r["status"].items() if not code.startswith("2"))
             lines.append(f"| {r['target']} | loadgen, {r['connections']} conns | {r['req_per_s']:,.0f} "
-                         f"| {ms(r['latency_s']['p50'])} | {ms(r['latency_s']['p99'])} | {bad} / {r['errors']} |")
+                         f"| {ms(r['latency_s']['p50'])} | {ms(r['latency_s']['p99'])} | {bad} / {r['errors']} "
+                         f"| {r.get('loadavg_before', '–')} → {r.get('loadavg_after', '–')} |")
         elif r.get("scenario") == "wrk" and "req_per_s" in r:
-            lines.append(f"| {name} | wrk, 64 conns | {r['req_per_s']:,.0f} | – | {ms(r.get('p99_s'))} | {r['non_2xx']} |")
+            lines.append(f"| {name} | wrk, 64 conns | {r['req_per_s']:,.0f} | – | {ms(r.get('p99_s'))} "
+                         f"| {r['non_2xx']} | {r.get('load', '–')} |")
     lines.append("")
     commands = folder / "commands.txt"
     if commands.exists():

@@ -2,24 +2,40 @@
 # The benchmark: a host made from the same image and roles as the demo
 # (inventories/bench, container chat-bench), the server side confined to one
 # CPU with docker's cpuset, the load generator (bench/loadgen.py) pinned to
-# the others with taskset, and traffic only to that container.
+# the others with taskset, and traffic only to that container: https on its
+# port 443 with the name localhost, as a browser of the site would.
 #   scripts/bench.sh [run] [NAME]    deploy, measure, write bench/results/NAME/
+#   scripts/bench.sh measure NAME [SCENARIO...]
+#                                    measure the host deployed by run again,
+#                                    only the named scenarios (e.g. fanout-100),
+#                                    into bench/results/NAME/
 #   scripts/bench.sh compare A B     ratios B/A between two result folders
 #   scripts/bench.sh down            remove the benchmark host
 # Environment: CHAT_BENCH_QUICK=1 shortens every scenario (a smoke run);
+# CHAT_BENCH_QUIET_LOAD=L waits (at most CHAT_BENCH_QUIET_WAIT s, 600 by
+# default) before each fan-out scenario until the machine's 1-minute load
+# average is below L, as latency follows other people's work on the machine;
 # CHAT_BENCH_PROFILE=NAME deploys with bench/profiles/NAME.yml as extra vars
 # and then runs bench/profiles/NAME.sh on the host if there is one (sizing to
 # try before it goes into the roles);
-# CHAT_BENCH_SERVER_CPUS / CHAT_BENCH_CLIENT_CPUS choose the CPU sets.
+# CHAT_BENCH_SERVER_CPUS / CHAT_BENCH_CLIENT_CPUS choose the CPU sets;
+# CHAT_BENCH_NAME, CHAT_BENCH_PORT and CHAT_BENCH_TLS_PORT the container and
+# the ports it publishes on 127.0.0.1 (http, which only redirects, and https),
+# so that two checkouts can benchmark side by side.
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-BENCH_HOST=chat-bench
+BENCH_HOST="${CHAT_BENCH_NAME:-chat-bench}"
 BENCH_PORT="${CHAT_BENCH_PORT:-8090}"
+BENCH_TLS_PORT="${CHAT_BENCH_TLS_PORT:-8490}"
 BENCH_VENV="$REPO_ROOT/bench/.venv"
 SERVER_CPUS="${CHAT_BENCH_SERVER_CPUS:-0}"
 CLIENT_CPUS="${CHAT_BENCH_CLIENT_CPUS:-1-$(($(nproc) - 1))}"
-export CHAT_BENCH_PORT="$BENCH_PORT" CHAT_PUBLISHED_PORT="$BENCH_PORT"
+# The inventory reads the container's name and the https port (the origin).
+export CHAT_BENCH_NAME="$BENCH_HOST" CHAT_BENCH_PORT="$BENCH_PORT" CHAT_BENCH_TLS_PORT="$BENCH_TLS_PORT"
+# The site's self-signed certificate, fetched from the host: the load
+# generator trusts it alone.
+SITE_CERT="$REPO_ROOT/.cache/bench-$BENCH_HOST.crt"
 
 ensure_bench_venv() {
   if [ ! -x "$BENCH_VENV/bin/python" ] \
@@ -39,13 +55,19 @@ ensure_bench_venv() {
 
 in_host() { docker exec "$BENCH_HOST" "$@"; }
 
-# A location that only answers 200, on its own port: the proxy's ceiling on
-# this machine. Only the benchmark host gets it; the roles know nothing of it.
+# A location that only answers 200, on ports of its own: the proxy's ceiling
+# on this machine, in clear and with the site's TLS settings and certificate
+# (the default server of its port, so wrk, which sends an address as its TLS
+# name, is not refused). Only the benchmark host gets it; the roles know
+# nothing of it.
 add_ceiling_server() {
   docker exec -i "$BENCH_HOST" sh -c 'cat > /etc/nginx/conf.d/chat-bench-ceiling.conf' <<'EOF'
 # Added by scripts/bench.sh on the benchmark host only.
 server {
 	listen 8081 reuseport;
+	listen 8444 ssl reuseport;
+	ssl_certificate /etc/nginx/tls/chat.crt;
+	ssl_certificate_key /etc/nginx/tls/chat.key;
 	access_log off;
 	location / { return 200 "ok\n"; }
 }
@@ -78,13 +100,31 @@ describe_host() {
     echo "nginx workers: $(in_host pgrep -c -f '^nginx: worker' || true)"
     echo "listen backlog that applies (ss -lx, Send-Q):"
     in_host ss -lxn | awk 'NR == 1 || /chat/ {print "    " $0}'
+    echo "nginx sizing: $(in_host sh -c 'nginx -T 2>/dev/null' \
+      | awk '/^[[:space:]]*(worker_processes|worker_connections|worker_rlimit_nofile)[[:space:]]/ {printf "%s ", $0}' \
+      | tr -s ' \t' ' ')"
     echo "descriptor limits: loadgen $(ulimit -Hn) per process; daphne $(in_host sh -c \
-      'grep "open files" /proc/$(pgrep -f daphne | head -1)/limits' | awk '{print $4}'); nginx worker $(in_host sh -c \
+      'grep "open files" /proc/$(systemctl show -p MainPID --value chat-daphne@1.service)/limits' | awk '{print $4}'); nginx worker $(in_host sh -c \
       'grep "open files" /proc/$(pgrep -f "nginx: worker" | head -1)/limits' | awk '{print $4}')"
+    echo "uptime at the start: $(uptime)"
   } >"$out"
 }
 
+# The machine's load average, as uptime prints it: the share of the
+# machine other people's work takes while a scenario runs.
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+
+# Latency follows the machine's load: with CHAT_BENCH_QUIET_LOAD set, wait
+# (bounded) for a quieter minute before a latency scenario.
+wait_for_quiet() {
+  local limit="${CHAT_BENCH_QUIET_LOAD:-}" waited=0 max="${CHAT_BENCH_QUIET_WAIT:-600}"
+  [ -n "$limit" ] || return 0
+  while awk -v limit="$limit" '{exit !($1 >= limit)}' /proc/loadavg && [ "$waited" -lt "$max" ]; do
+    [ $((waited % 60)) -eq 0 ] && log "load average $(loadavg): waiting for the 1-minute one to fall below $limit"
+    sleep 10
+    waited=$((waited + 10))
+  done
+}
 
 # One scenario: the exact command, the load average around it, its JSON.
 scenario() {
@@ -115,23 +155,18 @@ wrk_scenario() {
   cmd=(taskset -c "$CLIENT_CPUS" wrk -t 1 -c 64 -d "${HTTP_SECONDS}s" --latency -H "Host: localhost" "$url")
   log "scenario $name (wrk)"
   { printf '%s\t' "$name"; printf '%q ' "${cmd[@]}"; printf '\n'; } >>"$RESULTS/commands.txt"
+  local before
+  before="$(loadavg)"
   "${cmd[@]}" >"$RESULTS/$name.wrk.txt" 2>&1 || log "wrk $name failed"
+  printf 'load average: %s -> %s\n' "$before" "$(loadavg)" >>"$RESULTS/$name.wrk.txt"
 }
 
-run() {
-  local name="${1:-$(date -u +%Y%m%dT%H%M)}"
-  RESULTS="$REPO_ROOT/bench/results/$name"
-  mkdir -p "$RESULTS"
-  : >"$RESULTS/commands.txt"
-  require_root
-  ensure_toolchain
-  ensure_host_image bookworm
-  ensure_bench_venv
-  # A fresh host every run: nothing a previous run (or profile) left behind
-  # is measured.
+# A fresh host every run: nothing a previous run (or profile) left behind
+# is measured.
+deploy() {
   "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" down "$BENCH_HOST"
-  rm -f "$REPO_ROOT/.cache/facts/"*"_$BENCH_HOST"
-  CHAT_HOST_SUITE=bookworm "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" up "$BENCH_HOST" "$BENCH_PORT"
+  rm -f "$REPO_ROOT/.cache/facts/"*"_chat-bench"
+  CHAT_HOST_SUITE=bookworm "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" up "$BENCH_HOST" "$BENCH_PORT" "$BENCH_TLS_PORT"
   # Deploy with every CPU; measure with the server side on its own set.
   docker update --cpuset-cpus "0-$(($(nproc) - 1))" "$BENCH_HOST" >/dev/null
   local deploy=(ansible-playbook site.yml -i inventories/bench)
@@ -140,14 +175,23 @@ run() {
   fi
   log "deploying with: ${deploy[*]}"
   printf 'deploy\t%s\n' "${deploy[*]}" >>"$RESULTS/commands.txt"
-  (cd "$REPO_ROOT" && "${deploy[@]}") >"$RESULTS/deploy.log"
+  (cd "$REPO_ROOT" && "${deploy[@]}") >"$RESULTS/deploy.log" \
+    || { tail -40 "$RESULTS/deploy.log" >&2; die "the deploy failed: $RESULTS/deploy.log"; }
   add_ceiling_server
   if [ -n "${CHAT_BENCH_PROFILE:-}" ] && [ -f "$REPO_ROOT/bench/profiles/$CHAT_BENCH_PROFILE.sh" ]; then
     log "applying bench/profiles/$CHAT_BENCH_PROFILE.sh on the host"
     printf 'profile\tdocker exec -i %s sh < bench/profiles/%s.sh\n' "$BENCH_HOST" "$CHAT_BENCH_PROFILE" >>"$RESULTS/commands.txt"
     docker exec -i "$BENCH_HOST" sh <"$REPO_ROOT/bench/profiles/$CHAT_BENCH_PROFILE.sh" >>"$RESULTS/deploy.log"
   fi
+}
+
+# Runs the scenarios named in "$@" (all of them when none is) against the
+# deployed host, the server side on its CPU set.
+measure() {
+  local only=" $* "
+  wanted() { [ "$only" = "  " ] || [[ "$only" == *" $1 "* ]]; }
   docker update --cpuset-cpus "$SERVER_CPUS" "$BENCH_HOST" >/dev/null
+  in_host cat /etc/nginx/tls/chat.crt >"$SITE_CERT"
 
   local ip pid gunicorn
   ip="$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$BENCH_HOST")"
@@ -159,7 +203,12 @@ run() {
   local quick="${CHAT_BENCH_QUICK:-0}" send=20 drain=20 hold=30 idle=20000 burst=10000
   HTTP_SECONDS=10
   if [ "$quick" = 1 ]; then send=5 drain=5 hold=5 idle=2000 burst=1000 HTTP_SECONDS=3; fi
-  local lg=(--connect "$ip:80" --origin "http://localhost:$BENCH_PORT")
+  # https to the container's 443 with the site's name and origin.
+  local lg=(--connect "$ip:443" --server-name localhost --cafile "$SITE_CERT"
+    --origin "https://localhost:$BENCH_TLS_PORT")
+  # Gunicorn's own socket: what Nginx sends it, so Django sees https.
+  local direct=(--connect "$ip:443" --server-name localhost --plain)
+  local forwarded=(--unix "$gunicorn" --header "X-Forwarded-Proto: https")
   # The container's CPU time in ns (its cgroup, systemd's slices inside
   # included): cgroup v1's cpuacct, or v2's cpu.stat.
   local cpu group
@@ -172,38 +221,71 @@ run() {
   fi
 
   # A room must have been posted to before its page exists in the lobby.
-  scenario http-nginx-healthz "${lg[@]}" --procs 2 http --label "Nginx /healthz" --path /healthz --duration "$HTTP_SECONDS"
-  scenario http-nginx-lobby "${lg[@]}" --procs 2 http --label "Nginx lobby /" --path / --duration "$HTTP_SECONDS"
-  scenario http-nginx-room "${lg[@]}" --procs 2 http --label "Nginx room page" --path /chat/bench/ --duration "$HTTP_SECONDS"
-  scenario http-gunicorn-healthz "${lg[@]}" --procs 2 http --label "Gunicorn direct /healthz" --path /healthz --unix "$gunicorn" --duration "$HTTP_SECONDS"
-  scenario http-gunicorn-lobby "${lg[@]}" --procs 2 http --label "Gunicorn direct lobby /" --path / --unix "$gunicorn" --duration "$HTTP_SECONDS"
-  scenario http-gunicorn-room "${lg[@]}" --procs 2 http --label "Gunicorn direct room page" --path /chat/bench/ --unix "$gunicorn" --duration "$HTTP_SECONDS"
-  scenario http-nginx-return200 --connect "$ip:8081" --procs 2 http --label "Nginx return 200" --path / --duration "$HTTP_SECONDS"
-  wrk_scenario wrk-nginx-return200 "http://$ip:8081/"
-  wrk_scenario wrk-nginx-healthz "http://$ip/healthz"
+  local page
+  for page in healthz:/healthz lobby:/ room:/chat/bench/; do
+    local key="${page%%:*}" path="${page#*:}"
+    wanted "http-nginx-$key" && scenario "http-nginx-$key" "${lg[@]}" --procs 2 http \
+      --label "Nginx $key $path (https)" --path "$path" --duration "$HTTP_SECONDS"
+  done
+  for page in healthz:/healthz lobby:/ room:/chat/bench/; do
+    local key="${page%%:*}" path="${page#*:}"
+    wanted "http-gunicorn-$key" && scenario "http-gunicorn-$key" "${direct[@]}" --procs 2 http \
+      --label "Gunicorn direct $key $path" --path "$path" "${forwarded[@]}" --duration "$HTTP_SECONDS"
+  done
+  wanted http-nginx-return200 && scenario http-nginx-return200 --connect "$ip:8081" --plain --procs 2 http \
+    --label "Nginx return 200 (http)" --path / --duration "$HTTP_SECONDS"
+  wanted http-nginx-return200-tls && scenario http-nginx-return200-tls --connect "$ip:8444" --server-name localhost \
+    --cafile "$SITE_CERT" --procs 2 http --label "Nginx return 200 (https)" --path / --duration "$HTTP_SECONDS"
+  wanted wrk-nginx-return200 && wrk_scenario wrk-nginx-return200 "http://$ip:8081/"
+  wanted wrk-nginx-return200-tls && wrk_scenario wrk-nginx-return200-tls "https://$ip:8444/"
 
-  scenario fanout-100 "${lg[@]}" --procs 2 fanout --cpu-cmd "$cpu" --members 100 --senders 25 --rate 8 --duration "$send" --drain "$drain"
-  scenario fanout-1000 "${lg[@]}" --procs 4 fanout --cpu-cmd "$cpu" --members 1000 --senders 1 --rate 5 --duration "$send" --drain "$drain"
-  scenario burst "${lg[@]}" --procs 4 burst --count "$burst" --hold 5
-  # Memory per connection: the server's resident memory (Daphne and Nginx)
-  # with every socket held, minus before; ps in the container.
-  scenario idle "${lg[@]}" --procs 4 --open-timeout 60 idle --count "$idle" --hold "$hold" \
-    --rss-cmd "docker exec $BENCH_HOST ps -o rss= -C daphne -C nginx"
+  if wanted fanout-100; then
+    wait_for_quiet
+    scenario fanout-100 "${lg[@]}" --procs 2 fanout --cpu-cmd "$cpu" --members 100 --senders 25 --rate 8 --duration "$send" --drain "$drain"
+  fi
+  if wanted fanout-1000; then
+    wait_for_quiet
+    scenario fanout-1000 "${lg[@]}" --procs 4 fanout --cpu-cmd "$cpu" --members 1000 --senders 1 --rate 5 --duration "$send" --drain "$drain"
+  fi
+  # Every handshake at once: they queue in Nginx, in Daphne (which waits
+  # daphne_websocket_connect_timeout, 120 s, for the app) and in the client's
+  # own TLS work (one core, Python), so each may wait longer than 30 s.
+  wanted burst && scenario burst "${lg[@]}" --procs 4 --open-timeout 180 burst --count "$burst" --hold 5
+  # Memory per connection: the resident memory of the Daphne units and of
+  # Nginx (their cgroups' processes) with every socket held, minus before.
+  wanted idle && scenario idle "${lg[@]}" --procs 4 --open-timeout 60 idle --count "$idle" --hold "$hold" \
+    --rss-cmd "docker exec -i $BENCH_HOST sh < $REPO_ROOT/bench/server-rss.sh"
   in_host ss -s >"$RESULTS/ss-after.txt" 2>&1 || true
 
-  "$BENCH_VENV/bin/python" "$REPO_ROOT/bench/report.py" table "$RESULTS"
+  "$BENCH_VENV/bin/python" "$REPO_ROOT/bench/report.py" table "$RESULTS" >/dev/null
   log "results: $RESULTS/results.md"
+}
+
+start_results() {
+  RESULTS="$REPO_ROOT/bench/results/$1"
+  mkdir -p "$RESULTS"
+  require_root
+  ensure_toolchain
+  ensure_bench_venv
 }
 
 case "${1:-run}" in
   run)
-    # The load generator and wrk speak plain http to port 80, which the
-    # https edge now only redirects: measuring that would be measuring
-    # redirects. Port them to TLS on 443 first (issue 10 stays open for it).
-    [ -n "${CHAT_BENCH_ALLOW_PLAIN_HTTP:-}" ] || die "make bench is not yet ported to the https edge \
-(port 80 only redirects since HTTPS landed): the load generator and wrk must speak TLS on 443 first. \
-The results measured before that are in bench/results/."
-    shift || true; run "$@" ;;
+    shift || true
+    start_results "${1:-$(date -u +%Y%m%dT%H%M)}"
+    : >"$RESULTS/commands.txt"
+    ensure_host_image bookworm
+    deploy
+    measure
+    ;;
+  measure)
+    [ "$#" -ge 2 ] || die "usage: $0 measure NAME [SCENARIO...]"
+    start_results "$2"
+    shift 2
+    docker container inspect "$BENCH_HOST" >/dev/null 2>&1 || die "no $BENCH_HOST: run '$0 run' first"
+    printf 'measure\t%s\n' "scripts/bench.sh measure $(basename "$RESULTS") $*" >>"$RESULTS/commands.txt"
+    measure "$@"
+    ;;
   compare)
     [ "$#" -eq 3 ] || die "usage: $0 compare RESULTS_A RESULTS_B"
     ensure_bench_venv
@@ -212,7 +294,7 @@ The results measured before that are in bench/results/."
   down)
     ensure_toolchain
     "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" down "$BENCH_HOST"
-    rm -f "$REPO_ROOT/.cache/facts/"*"_$BENCH_HOST"
+    rm -f "$REPO_ROOT/.cache/facts/"*"_chat-bench"
     ;;
-  *) die "usage: $0 [run [NAME]|compare A B|down]" ;;
+  *) die "usage: $0 [run [NAME]|measure NAME [SCENARIO...]|compare A B|down]" ;;
 esac

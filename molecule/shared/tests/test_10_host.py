@@ -3,6 +3,7 @@
 import re
 
 import pytest
+from conftest import inventory_value
 
 APP_UNITS = ["chat-gunicorn.socket", "chat-gunicorn.service"]
 
@@ -19,9 +20,61 @@ def test_unit_active_and_enabled(host, unit):
     assert service.is_enabled, f"{unit} is not enabled at boot"
 
 
-def test_one_daphne_per_cpu_at_least_two(host, daphne_instances):
+@pytest.fixture(scope="module")
+def sizing(host):
+    """What the inventory asks one host to take at once (group_vars/all.yml)."""
+    name = host.backend.get_hostname()
+    return {key: int(inventory_value(name, f"chat_{key}"))
+            for key in ("websocket_capacity", "handshake_burst", "reserved_descriptors", "listen_backlog")}
+
+
+def _backlogs(host):
+    """Listen backlog of each Daphne socket as the kernel applies it (ss -lx Send-Q)."""
+    return [int(line.split()[3]) for line in host.check_output("ss -Hlx").splitlines()
+            if re.search(r"/daphne-\d+\.sock ", line)]
+
+
+def _open_files_limit(host, pid):
+    line = next(l for l in host.file(f"/proc/{pid}/limits").content_string.splitlines()
+                if l.startswith("Max open files"))
+    return int(line.split()[3])
+
+
+def test_daphne_instances_sized_for_cpus_burst_and_sockets(host, daphne_instances, sizing):
     cpus = int(host.check_output("nproc"))
-    assert daphne_instances == list(range(1, max(cpus, 2) + 1))
+    assert len(daphne_instances) >= max(cpus, 2), "fewer Daphne instances than CPUs (or than 2)"
+    # Every handshake of a burst waits in some instance's accept queue.
+    backlogs = _backlogs(host)
+    assert len(backlogs) == len(daphne_instances), backlogs
+    assert sum(backlogs) >= sizing["handshake_burst"], \
+        f"accept queues {backlogs} hold fewer than {sizing['handshake_burst']} handshakes"
+    # And every WebSocket has a descriptor in some instance.
+    per_instance = [
+        _open_files_limit(host, host.check_output(f"systemctl show -p MainPID --value chat-daphne@{n}.service"))
+        - sizing["reserved_descriptors"]
+        for n in daphne_instances]
+    assert sum(per_instance) >= sizing["websocket_capacity"], per_instance
+
+
+def test_nginx_listens_with_the_backlog_it_asks_for(host, sizing):
+    # Nginx's own default is 511: a burst of handshakes beyond it waits for
+    # SYN retransmits. State Recv-Q Send-Q Local ...: Send-Q is a listener's backlog.
+    listeners = [line.split() for line in host.check_output("ss -Hltn '( sport = :80 or sport = :443 )'").splitlines()]
+    assert listeners
+    assert {fields[2] for fields in listeners} == {str(sizing["listen_backlog"])}, listeners
+
+
+def test_nginx_workers_sized_for_the_websockets_under_their_descriptor_limit(host, sizing):
+    config = host.check_output("nginx -T 2>/dev/null")
+    connections = int(re.search(r"^\s*worker_connections\s+(\d+);", config, re.M).group(1))
+    workers = host.check_output("pgrep -f '^nginx: worker process'").split()
+    cpus = int(host.check_output("nproc"))
+    assert len(workers) >= cpus
+    for pid in workers:
+        assert connections + sizing["reserved_descriptors"] <= _open_files_limit(host, pid)
+    # A proxied WebSocket is two connections; one worker's worth to spare,
+    # as connections do not spread evenly over the workers.
+    assert (len(workers) - 1) * connections >= 2 * sizing["websocket_capacity"], (len(workers), connections)
 
 
 def test_every_daphne_instance_active_and_enabled(host, daphne_instances):

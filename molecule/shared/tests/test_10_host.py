@@ -22,10 +22,15 @@ def test_unit_active_and_enabled(host, unit):
 
 @pytest.fixture(scope="module")
 def sizing(host):
-    """What the inventory asks one host to take at once (group_vars/all.yml)."""
+    """What the inventory asks one host to take at once, as group_vars/all.yml
+    wires the chat_* sizing settings into the roles (the burst is read only
+    where the Daphne count is derived, with its default)."""
     name = host.backend.get_hostname()
-    return {key: int(inventory_value(name, f"chat_{key}"))
-            for key in ("websocket_capacity", "handshake_burst", "reserved_descriptors", "listen_backlog")}
+    return {key: int(inventory_value(name, variable)) for key, variable in (
+        ("websocket_capacity", "nginx_websocket_capacity"),
+        ("handshake_burst", "chat_handshake_burst|default(10000)"),
+        ("reserved_descriptors", "nginx_worker_reserved_descriptors"),
+        ("listen_backlog", "nginx_listen_backlog"))}
 
 
 def _backlogs(host):

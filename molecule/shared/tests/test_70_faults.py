@@ -259,7 +259,9 @@ def daphne_ceiling(host):
         group = _unit_value(host, unit, "ControlGroup")
         used = int(host.check_output(_cgroup_file(group, "memory.usage_in_bytes", "memory.current")))
         restarts = int(_unit_value(host, unit, "NRestarts"))
-        host.run_expect([0], f"systemctl set-property --runtime {unit} MemoryMax={used + 2**19}")
+        # 128 KiB above: a few more sockets take it past, however many
+        # instances share the new ones (3 on the test hosts since the sizing).
+        host.run_expect([0], f"systemctl set-property --runtime {unit} MemoryMax={used + 2**17}")
         return restarts
 
     def lift():
@@ -281,10 +283,11 @@ def test_a_daphne_past_its_memory_ceiling_is_restarted_like_a_crash(host, edge, 
     with traffic as counts:
         time.sleep(2)
         restarts = lower()
-        # More sockets, in another room: about half land on Daphne 1 and, at
-        # ~50 KiB each, take it past the ceiling.
+        # More sockets, in another room: a share of them lands on Daphne 1
+        # (least_conn) and, at 25-50 KiB each, takes it past the ceiling; with
+        # the room's 12, under Nginx's 100 per address.
         # Not waiting for them all: the ceiling must be lifted as soon as it killed.
-        with Traffic(edge, new_room("memory-load"), http_clients=0, sockets=60, max_seconds=180,
+        with Traffic(edge, new_room("memory-load"), http_clients=0, sockets=80, max_seconds=180,
                      wait_open=False):
             deadline = time.monotonic() + 2 * RECOVERY_LIMIT
             while int(_unit_value(host, unit, "NRestarts")) == restarts:

@@ -133,6 +133,14 @@ class Traffic:
         gap = kind == "behind" or (messages and max(m["seq"] for m in messages) > seen.contiguous())
         return answer, gap
 
+    def _record_answer(self, body, answer):
+        """Counts the server's answer to one post: "ack", or the error code that refused it."""
+        with self._lock:
+            if answer == "ack":
+                self.counts.acknowledged.append(body)
+            else:
+                self.counts.refused.append((body, answer))
+
     async def _catch_up(self, ws, seen):
         """Asks for history from the highest seq seen without a hole, while pages come back full."""
         while True:
@@ -201,11 +209,7 @@ class Traffic:
                                 asking = True
                                 await ws.send(json.dumps({"type": "history", "since": seen.contiguous()}))
                             if answer is not None:
-                                with self._lock:
-                                    if answer == "ack":
-                                        self.counts.acknowledged.append(pending[0])
-                                    else:
-                                        self.counts.refused.append((pending[0], answer))
+                                self._record_answer(pending[0], answer)
                                 pending, next_post = None, time.monotonic() + self.send_interval
                         if pending is not None and time.monotonic() - pending[1] > ANSWER_TIMEOUT:
                             with self._lock:
@@ -220,11 +224,7 @@ class Traffic:
                             continue
                         answer, _ = self._take(seen, frame, pending[0])
                         if answer is not None:
-                            with self._lock:
-                                if answer == "ack":
-                                    self.counts.acknowledged.append(pending[0])
-                                else:
-                                    self.counts.refused.append((pending[0], answer))
+                            self._record_answer(pending[0], answer)
                             pending = None
                     if pending is not None:
                         with self._lock:

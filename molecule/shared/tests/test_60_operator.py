@@ -4,6 +4,7 @@ Only the ssh scenario reaches its host that way; elsewhere these are skipped.
 """
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -44,10 +45,18 @@ def test_files_with_secrets_are_closed_to_the_deploy_user_without_sudo(host, pat
     assert result.rc != 0 and "Permission denied" in result.stderr
 
 
-def test_a_rerun_over_ssh_changes_nothing_and_prints_no_secret(secrets):
-    result = run_playbook("site.yml", "-v")
+def test_a_dry_run_over_ssh_changes_nothing_and_prints_no_secret(secrets):
+    # An operator's first move before a real run: --check --diff on the
+    # converged host must agree with Molecule's idempotence step (no task
+    # that only "changes" in check mode), and the diff of a file holding
+    # secrets must not print them.
+    result = run_playbook("site.yml", "--check", "--diff", "-v")
     assert result.returncode == 0, result.stdout[-5000:]
-    assert "changed=0" in result.stdout
+    changed = [line for line in result.stdout.splitlines() if line.startswith("changed:")]
+    recaps = re.findall(r"^\S+\s+: ok=\d+\s+changed=(\d+)", result.stdout, re.MULTILINE)
+    assert recaps and set(recaps) == {"0"}, "\n".join(changed)
+    # A diff is printed only for what would change.
+    assert not re.search(r"^[-+]{3} (before|after)", result.stdout, re.MULTILINE), result.stdout[-5000:]
     for value in secrets:
         assert value not in result.stdout, "a secret from the vault appears in the Ansible output"
 

@@ -55,7 +55,7 @@ def wait_until_serving(process, url, log, timeout=30):
 def uvicorn_command(port):
     """Gunicorn with uvicorn workers, as the uvicorn layout runs it."""
     return [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "2",
-            "--worker-class", "uvicorn_worker.UvicornWorker", "chatservice.asgi:application"]
+            "--worker-class", "chatservice.uvicorn_worker.ChatUvicornWorker", "chatservice.asgi:application"]
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +244,17 @@ def test_uvicorn_workers_close_websockets_with_1012_on_reload(server_env, tmp_pa
         assert asyncio.run(scenario()) == 1012, log.read_text()
     finally:
         stop(process)
+
+
+def test_uvicorn_refuses_a_64_kib_message_before_it_is_parsed(servers):
+    """The uvicorn layout takes the same message limit as Daphne (32 KiB)."""
+    async def scenario():
+        async with ws_connect(ws_url(servers, "/ws/chat/big-message/", "uvicorn"),
+                              origin=origin(servers, "uvicorn")) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "history"
+            await ws.send(json.dumps({"type": "message", "nickname": "big", "body": "x" * 65536}))
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+            return ws.close_code
+
+    assert asyncio.run(scenario()) == 1009

@@ -151,7 +151,7 @@ def table(folder):
         r = results.get(name)
         if not r:
             continue
-        per = (f"{r['kib_per_connection']} KiB (RSS of the Daphne and Nginx units' processes)"
+        per = (f"{r['kib_per_connection']} KiB (RSS of the app servers' and Nginx's units' processes)"
                if r.get("kib_per_connection") else "–")
         lines.append(
             f"| {name} | {r['attempted']:,} | {r['accepted']:,} | {r['http_status'] or 0} | {r['refused']} "
@@ -283,6 +283,9 @@ def layouts(folder):
              "next with `site.yml -e chat_layout=...`; each layout's own folder has its full",
              "tables, versions, load averages and commands. Ratio: the layout's figure over",
              "split's (above 1 is more of it, whether that is better or worse).", ""]
+    if any(r.get("idle", {}).get("attempted", 20000) < 20000 for r in runs.values()):
+        lines += ["**A smoke run (`CHAT_BENCH_QUICK=1`): every scenario shortened and small. It shows",
+                  "that the matrix works; its figures do not rank the layouts.**", ""]
     host = folder / "split" / "host.txt"
     if host.exists():
         lines += ["```", host.read_text().rstrip(), "```", ""]

@@ -113,8 +113,8 @@ describe_host() {
     echo "nginx sizing: $(in_host sh -c 'nginx -T 2>/dev/null' \
       | awk '/^[[:space:]]*(worker_processes|worker_connections|worker_rlimit_nofile)[[:space:]]/ {printf "%s ", $0}' \
       | tr -s ' \t' ' ')"
-    echo "descriptor limits: loadgen $(ulimit -Hn) per process; daphne $(in_host sh -c \
-      'grep "open files" /proc/$(systemctl show -p MainPID --value chat-daphne@1.service)/limits' | awk '{print $4}'); nginx worker $(in_host sh -c \
+    echo "descriptor limits: loadgen $(ulimit -Hn) per process; app server $(in_host sh -c \
+      'for unit in chat-daphne@1.service chat-gunicorn.service; do pid=$(systemctl show -p MainPID --value $unit); [ "$pid" -gt 0 ] && grep "open files" /proc/$pid/limits && break; done' | awk '{print $4}'); nginx worker $(in_host sh -c \
       'grep "open files" /proc/$(pgrep -f "nginx: worker" | head -1)/limits' | awk '{print $4}')"
     echo "uptime at the start: $(uptime)"
   } >"$out"

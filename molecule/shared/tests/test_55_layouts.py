@@ -96,7 +96,8 @@ def move(edge, host, layout, playbook="site.yml", *args):
     # to one that may itself be starting: on the shared 2-core machine that
     # took up to 3 s (the releases' checks, with fewer moving parts, allow 2).
     reconnects = assert_gentle_reconnects(counts, within=RECONNECT_WITHIN)
-    report(f"{playbook}{' with a new release' if args else ''} to the {layout} layout: {result.seconds:.0f} s, "
+    release = " and a new release" if len(counts.releases_seen) > 1 else ""
+    report(f"{playbook} to the {layout} layout{release}: {result.seconds:.0f} s, "
            f"{counts.http_ok} requests, {len(counts.http_failed)} failed, {len(counts.reconnects)} "
            f"WebSocket reconnects (code 1012), {reconnects}")
     return live_release(edge)

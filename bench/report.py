@@ -3,6 +3,10 @@
 
     report.py table RESULTS     writes RESULTS/results.md and RESULTS/plot.png
     report.py compare A B       prints B/A for every figure both folders have
+    report.py layouts RESULTS   the layout matrix (scripts/bench.sh layouts): a
+                                table and a plot per measure over
+                                RESULTS/<layout>/, with ratios to split, in
+                                RESULTS/results.md and RESULTS/layouts.png
 """
 
 import json
@@ -147,7 +151,7 @@ def table(folder):
         r = results.get(name)
         if not r:
             continue
-        per = (f"{r['kib_per_connection']} KiB (RSS of the Daphne and Nginx units' processes)"
+        per = (f"{r['kib_per_connection']} KiB (RSS of the app servers' and Nginx's units' processes)"
                if r.get("kib_per_connection") else "–")
         lines.append(
             f"| {name} | {r['attempted']:,} | {r['accepted']:,} | {r['http_status'] or 0} | {r['refused']} "
@@ -222,9 +226,118 @@ def compare(a, b):
             print(f"| {key} | {fa[key]:,} | {fb[key]:,} | {ratio} |")
 
 
+LAYOUTS = ("split", "daphne", "uvicorn")
+# (title, unit, how to read it from a layout's results, True when more is better)
+LAYOUT_MEASURES = [
+    ("Pages: the lobby through Nginx, requests/s", "req/s",
+     lambda r: r.get("http-nginx-lobby", {}).get("req_per_s"), True),
+    ("Pages: the lobby through Nginx, p99", "ms",
+     lambda r: _ms(r.get("http-nginx-lobby", {}).get("latency_s", {}).get("p99")), False),
+    ("Pages: a room page through Nginx, requests/s", "req/s",
+     lambda r: r.get("http-nginx-room", {}).get("req_per_s"), True),
+    ("/healthz through Nginx, requests/s", "req/s",
+     lambda r: r.get("http-nginx-healthz", {}).get("req_per_s"), True),
+    ("/healthz through Nginx, p99", "ms",
+     lambda r: _ms(r.get("http-nginx-healthz", {}).get("latency_s", {}).get("p99")), False),
+    ("Fan-out, room of 100: delivered", "%", lambda r: r.get("fanout-100", {}).get("delivered_pct"), True),
+    ("Fan-out, room of 100: p99", "ms",
+     lambda r: _ms(r.get("fanout-100", {}).get("latency_s", {}).get("p99")), False),
+    ("Fan-out, room of 1,000: delivered", "%", lambda r: r.get("fanout-1000", {}).get("delivered_pct"), True),
+    ("Fan-out, room of 1,000: p99", "ms",
+     lambda r: _ms(r.get("fanout-1000", {}).get("latency_s", {}).get("p99")), False),
+    ("Fan-out, room of 100: server CPU per 1,000 deliveries", "ms",
+     lambda r: r.get("fanout-100", {}).get("server_cpu_ms_per_1000_deliveries"), False),
+    ("Handshake burst: accepted", "handshakes", lambda r: r.get("burst", {}).get("accepted"), True),
+    ("Idle sockets held", "sockets", lambda r: r.get("idle", {}).get("still_open_after_hold"), True),
+    ("Idle: memory per connection (app servers and Nginx)", "KiB",
+     lambda r: r.get("idle", {}).get("kib_per_connection"), False),
+    ("Memory of the app's server processes at rest", "MiB",
+     lambda r: _mib(r.get("memory", {}).get("app_servers_rss_kib")), False),
+]
+
+
+def _ms(seconds):
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def _mib(kib):
+    return None if kib is None else round(kib / 1024, 1)
+
+
+def _attempted(results):
+    """The sizes this run used (a quick run is smaller): for the table's notes."""
+    notes = []
+    for name in ("burst", "idle"):
+        if name in results:
+            notes.append(f"{name} {results[name]['attempted']:,}")
+    return ", ".join(notes)
+
+
+def layouts(folder):
+    folder = pathlib.Path(folder)
+    runs = {name: load(folder / name) for name in LAYOUTS if (folder / name).is_dir()}
+    if "split" not in runs:
+        sys.exit(f"{folder}/split/ is missing: the ratios are to the default layout")
+    lines = [f"# Layout matrix {folder.name}", "",
+             "The same host (CPU set, memory, descriptor limits) moved from one layout to the",
+             "next with `site.yml -e chat_layout=...`; each layout's own folder has its full",
+             "tables, versions, load averages and commands. Ratio: the layout's figure over",
+             "split's (above 1 is more of it, whether that is better or worse).", ""]
+    if any(r.get("idle", {}).get("attempted", 20000) < 20000 for r in runs.values()):
+        lines += ["**A smoke run (`CHAT_BENCH_QUICK=1`): every scenario shortened and small. It shows",
+                  "that the matrix works; its figures do not rank the layouts.**", ""]
+    host = folder / "split" / "host.txt"
+    if host.exists():
+        lines += ["```", host.read_text().rstrip(), "```", ""]
+    lines += [f"Sizes: {', '.join(f'{name}: {_attempted(r)}' for name, r in runs.items())}", ""]
+    measured = []
+    for title, unit, read, more_is_better in LAYOUT_MEASURES:
+        values = {name: read(results) for name, results in runs.items()}
+        base = values.get("split")
+        lines += [f"## {title}", "", f"| layout | {unit} | ratio to split |", "|---|---|---|"]
+        for name, value in values.items():
+            ratio = "–" if value is None or not base else f"{value / base:.2f}"
+            shown = "–" if value is None else f"{value:,}"
+            lines.append(f"| {name} | {shown} | {ratio} |")
+        lines += ["", f"({'more' if more_is_better else 'less'} is better)", ""]
+        measured.append((title, unit, values))
+    (folder / "results.md").write_text("\n".join(lines))
+    plot_layouts(folder, measured)
+    print("\n".join(lines))
+
+
+def plot_layouts(folder, measured):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = 3
+    rows = (len(measured) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.2 * rows))
+    for axis, (title, unit, values) in zip(axes.flat, measured):
+        names = list(values)
+        heights = [values[name] or 0 for name in names]
+        axis.bar(names, heights, color=["tab:blue", "tab:orange", "tab:green"][:len(names)])
+        base = values.get("split")
+        for x, name in enumerate(names):
+            value = values[name]
+            label = "–" if value is None else f"{value:,}" + (f"\n{value / base:.2f}x" if base else "")
+            axis.text(x, heights[x], label, ha="center", va="bottom", fontsize=8)
+        axis.set_title(title, fontsize=9)
+        axis.set_ylabel(unit)
+        axis.margins(y=0.25)
+    for axis in list(axes.flat)[len(measured):]:
+        axis.axis("off")
+    fig.tight_layout()
+    fig.savefig(folder / "layouts.png", dpi=90)
+
+
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "table":
         table(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "layouts":
+        layouts(sys.argv[2])
     elif len(sys.argv) == 4 and sys.argv[1] == "compare":
         compare(sys.argv[2], sys.argv[3])
     else:

@@ -9,6 +9,14 @@
 #                                    measure the host deployed by run again,
 #                                    only the named scenarios (e.g. fanout-100),
 #                                    into bench/results/NAME/
+#   scripts/bench.sh layouts [NAME]  the layout matrix: deploy once, then for
+#                                    each chat_layout (split, daphne, uvicorn)
+#                                    move the same host to it and measure
+#                                    pages, /healthz, fan-out, the burst, idle
+#                                    sockets and the servers' memory, into
+#                                    bench/results/NAME/<layout>/, with tables
+#                                    and plots of every measure per layout
+#                                    (ratios to split) in NAME/results.md
 #   scripts/bench.sh compare A B     ratios B/A between two result folders
 #   scripts/bench.sh down            remove the benchmark host
 # Environment: CHAT_BENCH_QUICK=1 shortens every scenario (a smoke run);
@@ -95,6 +103,8 @@ describe_host() {
       | sed 's#.*/##; s/\.dist-info//' \
       | grep -iE '^(django|channels|channels_redis|daphne|gunicorn|redis|twisted|autobahn)-' | tr '\n' ' ')"
     echo "channel layer: $(in_host sh -c 'grep -h ^CHANNEL_LAYER= /srv/chat/shared/chat.env' || echo default)"
+    echo "layout: $(in_host cat /srv/chat/layout 2>/dev/null || echo unknown) (chat_layout)"
+    echo "gunicorn worker class: $(in_host sh -c 'grep -h ^worker_class /etc/chat-gunicorn/gunicorn.conf.py 2>/dev/null' || echo 'none (no Gunicorn)')"
     echo "daphne instances: $(in_host sh -c 'systemctl list-units --plain --no-legend "chat-daphne@*.service" | wc -l')"
     echo "gunicorn processes (master + workers): $(in_host sh -c 'pgrep -c gunicorn' || true)"
     echo "nginx workers: $(in_host pgrep -c -f '^nginx: worker' || true)"
@@ -103,8 +113,8 @@ describe_host() {
     echo "nginx sizing: $(in_host sh -c 'nginx -T 2>/dev/null' \
       | awk '/^[[:space:]]*(worker_processes|worker_connections|worker_rlimit_nofile)[[:space:]]/ {printf "%s ", $0}' \
       | tr -s ' \t' ' ')"
-    echo "descriptor limits: loadgen $(ulimit -Hn) per process; daphne $(in_host sh -c \
-      'grep "open files" /proc/$(systemctl show -p MainPID --value chat-daphne@1.service)/limits' | awk '{print $4}'); nginx worker $(in_host sh -c \
+    echo "descriptor limits: loadgen $(ulimit -Hn) per process; app server $(in_host sh -c \
+      'for unit in chat-daphne@1.service chat-gunicorn.service; do pid=$(systemctl show -p MainPID --value $unit); [ "$pid" -gt 0 ] && grep "open files" /proc/$pid/limits && break; done' | awk '{print $4}'); nginx worker $(in_host sh -c \
       'grep "open files" /proc/$(pgrep -f "nginx: worker" | head -1)/limits' | awk '{print $4}')"
     echo "uptime at the start: $(uptime)"
   } >"$out"
@@ -185,6 +195,32 @@ deploy() {
   fi
 }
 
+# Moves the deployed host to another layout with the same site.yml (the way
+# an operator does), with every CPU, as the deploy had.
+move_to_layout() {
+  local layout="$1"
+  docker update --cpuset-cpus "0-$(($(nproc) - 1))" "$BENCH_HOST" >/dev/null
+  local move=(ansible-playbook site.yml -i inventories/bench -e "chat_layout=$layout")
+  if [ -n "${CHAT_BENCH_PROFILE:-}" ]; then
+    move+=(-e "@bench/profiles/$CHAT_BENCH_PROFILE.yml")
+  fi
+  log "moving to the $layout layout: ${move[*]}"
+  printf 'layout\t%s\n' "${move[*]}" >>"$RESULTS/commands.txt"
+  (cd "$REPO_ROOT" && "${move[@]}") >"$RESULTS/deploy.log" \
+    || { tail -40 "$RESULTS/deploy.log" >&2; die "the move to $layout failed: $RESULTS/deploy.log"; }
+}
+
+# The resident memory of the app's server units at rest (no client), and
+# of Nginx's, in KiB: what a layout costs before any traffic.
+memory_at_rest() {
+  local app nginx
+  app="$(docker exec -i "$BENCH_HOST" sh -s -- 'chat-daphne@*.service' chat-gunicorn.service \
+    <"$REPO_ROOT/bench/server-rss.sh" | awk '{n++; s += $1} END {print s + 0, n + 0}')"
+  nginx="$(docker exec -i "$BENCH_HOST" sh -s -- nginx.service <"$REPO_ROOT/bench/server-rss.sh" | awk '{s += $1} END {print s + 0}')"
+  printf '{"scenario": "memory", "app_servers_rss_kib": %s, "app_server_processes": %s, "nginx_rss_kib": %s}\n' \
+    "${app% *}" "${app#* }" "$nginx" >"$RESULTS/memory.json"
+}
+
 # Runs the scenarios named in "$@" (all of them when none is) against the
 # deployed host, the server side on its CPU set.
 measure() {
@@ -251,8 +287,9 @@ measure() {
   # daphne_websocket_connect_timeout, 120 s, for the app) and in the client's
   # own TLS work (one core, Python), so each may wait longer than 30 s.
   wanted burst && scenario burst "${lg[@]}" --procs 4 --open-timeout 180 burst --count "$burst" --hold 5
-  # Memory per connection: the resident memory of the Daphne units and of
-  # Nginx (their cgroups' processes) with every socket held, minus before.
+  # Memory per connection: the resident memory of the app's server units
+  # (Daphne's, or Gunicorn's uvicorn workers) and of Nginx (their cgroups'
+  # processes) with every socket held, minus before.
   wanted idle && scenario idle "${lg[@]}" --procs 4 --open-timeout 60 idle --count "$idle" --hold "$hold" \
     --rss-cmd "docker exec -i $BENCH_HOST sh < $REPO_ROOT/bench/server-rss.sh"
   in_host ss -s >"$RESULTS/ss-after.txt" 2>&1 || true
@@ -286,6 +323,28 @@ case "${1:-run}" in
     printf 'measure\t%s\n' "scripts/bench.sh measure $(basename "$RESULTS") $*" >>"$RESULTS/commands.txt"
     measure "$@"
     ;;
+  layouts)
+    shift || true
+    start_results "${1:-layouts-$(date -u +%Y%m%dT%H%M)}"
+    base="$RESULTS"
+    : >"$base/commands.txt"
+    ensure_host_image bookworm
+    deploy
+    # The same host (CPU set, memory, descriptors) for every layout; the
+    # HTTP scenarios through Nginx only, as Gunicorn's own socket is not in
+    # every layout.
+    for layout in split daphne uvicorn; do
+      RESULTS="$base/$layout"
+      mkdir -p "$RESULTS"
+      : >"$RESULTS/commands.txt"
+      [ "$layout" = split ] || move_to_layout "$layout"
+      memory_at_rest
+      measure http-nginx-healthz http-nginx-lobby http-nginx-room fanout-100 fanout-1000 burst idle
+    done
+    RESULTS="$base"
+    "$BENCH_VENV/bin/python" "$REPO_ROOT/bench/report.py" layouts "$base" >/dev/null
+    log "layout matrix: $base/results.md"
+    ;;
   compare)
     [ "$#" -eq 3 ] || die "usage: $0 compare RESULTS_A RESULTS_B"
     ensure_bench_venv
@@ -296,5 +355,5 @@ case "${1:-run}" in
     "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" down "$BENCH_HOST"
     rm -f "$REPO_ROOT/.cache/facts/"*"_chat-bench"
     ;;
-  *) die "usage: $0 [run [NAME]|measure NAME [SCENARIO...]|compare A B|down]" ;;
+  *) die "usage: $0 [run [NAME]|measure NAME [SCENARIO...]|layouts [NAME]|compare A B|down]" ;;
 esac

@@ -173,6 +173,22 @@ def test_wrong_variable_is_refused_before_any_change(tmp_path, variable, value, 
     assert_refused_before_any_change(rc, output, complaint, "Validate role variables")
 
 
+@pytest.mark.parametrize("layout", ["gunicorn", "Split", ""])
+def test_unknown_layout_is_refused(tmp_path, layout):
+    inventory = write_inventory(tmp_path, ["web", "app", "redis"], f"chat_layout: '{layout}'\n")
+    rc, output = run_site(inventory)
+    assert_refused_before_any_change(rc, output, f'sets chat_layout to "{layout}"',
+                                     "one of split, daphne, uvicorn")
+
+
+@pytest.mark.parametrize("layout", ["split", "daphne", "uvicorn"])
+def test_every_layout_passes_preflight(tmp_path, layout):
+    """The control for the test above."""
+    inventory = write_inventory(tmp_path, ["web", "app", "redis"], f"chat_layout: {layout}\n")
+    rc, output = run_site(inventory, "--tags", "never")
+    assert rc == 0, output[-3000:]
+
+
 def test_good_inventory_passes_preflight(tmp_path):
     """The control for the tests above: the same inventory, valid, passes."""
     inventory = write_inventory(tmp_path, ["web", "app", "redis"])

@@ -5,7 +5,7 @@ import logging
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from . import fanout, store
+from . import fanout, health, store
 from .dbcalls import reads
 from .models import is_valid_room_name
 from .protocol import ProtocolError, clean_body, clean_nickname, clean_since, parse_frame
@@ -126,7 +126,9 @@ class HealthConsumer(AsyncWebsocketConsumer):
     async def connect(self):
         await self.accept()
         await self.send(
-            text_data=_dumps({"status": "ok", "interface": "asgi", "release": settings.RELEASE})
+            text_data=_dumps({"status": "ok", "interface": "asgi",
+                              "server": health.server_software(asgi=True),
+                              "release": settings.RELEASE})
         )
         await self.close(code=1000)
 

@@ -1,11 +1,23 @@
 """Dependency checks for /healthz. Each returns "ok" or a short error text."""
 
 import shutil
+import sys
 from pathlib import Path
 
 import redis
 from django.conf import settings
 from django.db import connection
+
+
+# The server a process runs under, told by what it has imported. WSGI is
+# only ever Gunicorn's sync workers here. Of the ASGI servers, Gunicorn's
+# uvicorn workers import uvicorn; Daphne does not (every process imports
+# daphne, an installed app, so daphne's modules tell nothing).
+def server_software(asgi):
+    """gunicorn, daphne or uvicorn: the server that runs this process."""
+    if asgi:
+        return "uvicorn" if "uvicorn" in sys.modules else "daphne"
+    return "gunicorn" if "gunicorn" in sys.modules else "unknown"
 
 
 def _describe(error):

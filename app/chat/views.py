@@ -57,11 +57,14 @@ def healthz(request):
     checks = {"database": health.check_database(), "disk": health.check_disk(),
               "redis": health.check_redis()}
     healthy = all(result == "ok" for result in checks.values())
+    asgi = isinstance(request, ASGIRequest)
     payload = {
         "status": "ok" if healthy else "fail",
         "release": settings.RELEASE,
         # From the request class, so it reports the server actually in front.
-        "interface": "asgi" if isinstance(request, ASGIRequest) else "wsgi",
+        "interface": "asgi" if asgi else "wsgi",
+        # gunicorn, daphne or uvicorn: which layout (chat_layout) answered.
+        "server": health.server_software(asgi),
         # sqlite or postgresql: which database this deployment runs on.
         "database": connection.vendor,
         "checks": checks,

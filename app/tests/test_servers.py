@@ -1,8 +1,10 @@
-"""Gunicorn and Daphne started for real, talked to with HTTP and a real WebSocket client."""
+"""Gunicorn, Daphne and Gunicorn with uvicorn workers started for real (the three
+layouts' servers), talked to with HTTP and a real WebSocket client."""
 
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -50,8 +52,15 @@ def wait_until_serving(process, url, log, timeout=30):
     pytest.fail(f"{url} did not answer within {timeout} s:\n{log.read_text()}")
 
 
+def uvicorn_command(port):
+    """Gunicorn with uvicorn workers, as the uvicorn layout runs it."""
+    return [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "2",
+            "--worker-class", "chatservice.uvicorn_worker.ChatUvicornWorker", "chatservice.asgi:application"]
+
+
 @pytest.fixture(scope="module")
-def servers(redis_url, tmp_path_factory):
+def server_env(redis_url, tmp_path_factory):
+    """The servers' environment, on a migrated database with collected static files."""
     workdir = tmp_path_factory.mktemp("servers")
     env = {
         "PATH": os.environ.get("PATH", ""),
@@ -64,13 +73,20 @@ def servers(redis_url, tmp_path_factory):
     }
     run_manage(env, "migrate", "--noinput")
     run_manage(env, "collectstatic", "--noinput")
+    return env
 
-    gunicorn_port, daphne_port = free_port(), free_port()
+
+@pytest.fixture(scope="module")
+def servers(server_env, tmp_path_factory):
+    env = server_env
+    workdir = tmp_path_factory.mktemp("server-logs")
+    gunicorn_port, daphne_port, uvicorn_port = free_port(), free_port(), free_port()
     commands = {
         "gunicorn": [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{gunicorn_port}",
                      "--workers", "2", "chatservice.wsgi:application"],
         "daphne": [sys.executable, "-m", "daphne", "-v", "0", "-b", "127.0.0.1",
                    "-p", str(daphne_port), "chatservice.asgi:application"],
+        "uvicorn": uvicorn_command(uvicorn_port),
     }
     processes = {}
     try:
@@ -84,6 +100,7 @@ def servers(redis_url, tmp_path_factory):
         urls = {
             "gunicorn": f"http://127.0.0.1:{gunicorn_port}",
             "daphne": f"http://127.0.0.1:{daphne_port}",
+            "uvicorn": f"http://127.0.0.1:{uvicorn_port}",
         }
         for name, (process, log) in processes.items():
             wait_until_serving(process, urls[name] + "/healthz", log)
@@ -93,12 +110,12 @@ def servers(redis_url, tmp_path_factory):
             stop(process)
 
 
-def ws_url(servers, path):
-    return servers["daphne"].replace("http://", "ws://") + path
+def ws_url(servers, path, server="daphne"):
+    return servers[server].replace("http://", "ws://") + path
 
 
-def origin(servers):
-    return servers["daphne"]
+def origin(servers, server="daphne"):
+    return servers[server]
 
 
 def test_gunicorn_health_says_wsgi(servers):
@@ -108,16 +125,18 @@ def test_gunicorn_health_says_wsgi(servers):
         "status": "ok",
         "release": RELEASE,
         "interface": "wsgi",
+        "server": "gunicorn",
         "database": "sqlite",  # the servers here run on a SQLite file
         "checks": {"database": "ok", "disk": "ok", "redis": "ok"},
     }
 
 
-def test_daphne_health_says_asgi(servers):
-    status, body = http_get(servers["daphne"] + "/healthz")
+@pytest.mark.parametrize("server", ["daphne", "uvicorn"])
+def test_asgi_health_says_asgi_and_names_the_server(servers, server):
+    status, body = http_get(servers[server] + "/healthz")
     assert status == 200, body
-    assert json.loads(body)["interface"] == "asgi"
-    assert json.loads(body)["status"] == "ok"
+    answer = json.loads(body)
+    assert (answer["status"], answer["interface"], answer["server"]) == ("ok", "asgi", server)
 
 
 def test_gunicorn_serves_pages_with_hashed_static_urls(servers):
@@ -129,16 +148,17 @@ def test_gunicorn_serves_pages_with_hashed_static_urls(servers):
     assert status == 404
 
 
-def test_websocket_health_on_daphne(servers):
+@pytest.mark.parametrize("server", ["daphne", "uvicorn"])
+def test_websocket_health_names_the_server(servers, server):
     async def scenario():
-        async with ws_connect(ws_url(servers, "/ws/health/"), origin=origin(servers)) as ws:
+        async with ws_connect(ws_url(servers, "/ws/health/", server), origin=origin(servers, server)) as ws:
             frame = json.loads(await asyncio.wait_for(ws.recv(), 5))
             with pytest.raises(websockets.ConnectionClosedOK):
                 await asyncio.wait_for(ws.recv(), 5)
             return frame, ws.close_code
 
     frame, close_code = asyncio.run(scenario())
-    assert frame == {"status": "ok", "interface": "asgi", "release": RELEASE}
+    assert frame == {"status": "ok", "interface": "asgi", "server": server, "release": RELEASE}
     assert close_code == 1000
 
 
@@ -180,3 +200,61 @@ def test_daphne_closes_invalid_room_with_4004(servers):
             return ws.close_code
 
     assert asyncio.run(scenario()) == 4004
+
+
+def test_a_room_spans_daphne_and_uvicorn(servers):
+    """Both ASGI servers share the channel layer: a move between layouts keeps rooms whole."""
+    async def scenario():
+        async with ws_connect(ws_url(servers, "/ws/chat/across-servers/"), origin=origin(servers)) as alice, \
+                ws_connect(ws_url(servers, "/ws/chat/across-servers/", "uvicorn"),
+                           origin=origin(servers, "uvicorn")) as bob:
+            for ws in (alice, bob):
+                assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "history"
+            await bob.send(json.dumps({"type": "message", "nickname": "bob", "body": "from uvicorn"}))
+            return [json.loads(await asyncio.wait_for(ws.recv(), 5)) for ws in (alice, bob)]
+
+    to_alice, to_bob = asyncio.run(scenario())
+    assert to_alice == to_bob
+    assert (to_alice["nickname"], to_alice["body"]) == ("bob", "from uvicorn")
+
+
+def test_uvicorn_workers_close_websockets_with_1012_on_reload(server_env, tmp_path):
+    """A graceful reload (HUP, as a deploy does) says "service restart" to each socket.
+
+    The page reconnects on 1012 and catches up; the deploy's checks count on it.
+    """
+    port = free_port()
+    log = tmp_path / "uvicorn.log"
+    process = subprocess.Popen(uvicorn_command(port), cwd=APP_DIR, env=server_env,
+                               stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_serving(process, url + "/healthz", log)
+
+        async def scenario():
+            async with ws_connect(url.replace("http://", "ws://") + "/ws/chat/reload-test/",
+                                  origin=url) as ws:
+                assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "history"
+                process.send_signal(signal.SIGHUP)
+                with pytest.raises(websockets.ConnectionClosed):
+                    while True:
+                        await asyncio.wait_for(ws.recv(), 30)
+                return ws.close_code
+
+        assert asyncio.run(scenario()) == 1012, log.read_text()
+    finally:
+        stop(process)
+
+
+def test_uvicorn_refuses_a_64_kib_message_before_it_is_parsed(servers):
+    """The uvicorn layout takes the same message limit as Daphne (32 KiB)."""
+    async def scenario():
+        async with ws_connect(ws_url(servers, "/ws/chat/big-message/", "uvicorn"),
+                              origin=origin(servers, "uvicorn")) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "history"
+            await ws.send(json.dumps({"type": "message", "nickname": "big", "body": "x" * 65536}))
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+            return ws.close_code
+
+    assert asyncio.run(scenario()) == 1009

@@ -1,6 +1,7 @@
 """WebSocket consumers. The protocol is described in README.md."""
 
 import logging
+import socket
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -126,7 +127,8 @@ class HealthConsumer(AsyncWebsocketConsumer):
     async def connect(self):
         await self.accept()
         await self.send(
-            text_data=_dumps({"status": "ok", "interface": "asgi", "release": settings.RELEASE})
+            text_data=_dumps({"status": "ok", "interface": "asgi", "release": settings.RELEASE,
+                               "host": socket.gethostname()})
         )
         await self.close(code=1000)
 

@@ -1,3 +1,5 @@
+import socket
+
 from django.conf import settings
 from django.core.handlers.asgi import ASGIRequest
 from django.db import connection
@@ -62,6 +64,8 @@ def healthz(request):
         "release": settings.RELEASE,
         # From the request class, so it reports the server actually in front.
         "interface": "asgi" if isinstance(request, ASGIRequest) else "wsgi",
+        # Which host answered: behind a web host's Nginx, any app host may.
+        "host": socket.gethostname(),
         # sqlite or postgresql: which database this deployment runs on.
         "database": connection.vendor,
         "checks": checks,

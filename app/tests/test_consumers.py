@@ -1,6 +1,7 @@
 """The WebSocket protocol against a real Redis channel layer."""
 
 import asyncio
+import socket
 
 import pytest
 from channels.db import database_sync_to_async
@@ -264,6 +265,7 @@ async def test_websocket_health(connect, settings):
         "status": "ok",
         "interface": "asgi",
         "release": "r-2024",
+        "host": socket.gethostname(),
     }
     assert await client.receive_output(timeout=5) == {"type": "websocket.close", "code": 1000}
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import socket
 import os
 import subprocess
 import sys
@@ -108,6 +109,7 @@ def test_gunicorn_health_says_wsgi(servers):
         "status": "ok",
         "release": RELEASE,
         "interface": "wsgi",
+        "host": socket.gethostname(),
         "database": "sqlite",  # the servers here run on a SQLite file
         "checks": {"database": "ok", "disk": "ok", "redis": "ok"},
     }
@@ -138,7 +140,7 @@ def test_websocket_health_on_daphne(servers):
             return frame, ws.close_code
 
     frame, close_code = asyncio.run(scenario())
-    assert frame == {"status": "ok", "interface": "asgi", "release": RELEASE}
+    assert frame == {"status": "ok", "interface": "asgi", "release": RELEASE, "host": socket.gethostname()}
     assert close_code == 1000
 
 

@@ -74,12 +74,23 @@ def test_missing_tier_is_refused(tmp_path):
     assert_refused_before_any_change(rc, output, "no host in group 'redis'")
 
 
-def test_web_host_outside_app_is_refused(tmp_path):
+def test_hosts_sharing_a_private_address_are_refused(tmp_path):
+    """A multi-host layout whose hosts the others could not tell apart."""
     inventory = write_inventory(tmp_path, ["web", "redis"])
+    # Both are this controller: the same default IPv4 address.
     (tmp_path / "hosts.yml").write_text(
         (tmp_path / "hosts.yml").read_text() + "    app:\n      hosts:\n        other:\n")
     rc, output = run_site(inventory)
-    assert_refused_before_any_change(rc, output, "are not in group 'app'")
+    assert_refused_before_any_change(rc, output, "needs its own private", "Shared by several hosts")
+
+
+def test_a_loopback_private_address_is_refused(tmp_path):
+    inventory = write_inventory(tmp_path, ["web", "redis"])
+    (tmp_path / "hosts.yml").write_text(
+        (tmp_path / "hosts.yml").read_text()
+        + "    app:\n      hosts:\n        other:\n          chat_private_address: 127.0.0.2\n")
+    rc, output = run_site(inventory)
+    assert_refused_before_any_change(rc, output, "Not an IP address other than loopback: other")
 
 
 @pytest.mark.parametrize(("variable", "value"), [
@@ -181,6 +192,16 @@ def test_unknown_layout_is_refused(tmp_path, layout):
                                      "one of split, daphne, uvicorn")
 
 
+@pytest.mark.parametrize("layout", ["daphne", "uvicorn"])
+def test_a_layout_other_than_split_is_refused_on_hosts_apart(tmp_path, layout):
+    inventory = write_inventory(tmp_path, ["web", "redis"], f"chat_layout: {layout}\n")
+    (tmp_path / "hosts.yml").write_text(
+        (tmp_path / "hosts.yml").read_text()
+        + "    app:\n      hosts:\n        other:\n          chat_private_address: 192.0.2.7\n")
+    rc, output = run_site(inventory)
+    assert_refused_before_any_change(rc, output, "supported only on one host", "leave chat_layout unset")
+
+
 @pytest.mark.parametrize("layout", ["split", "daphne", "uvicorn"])
 def test_every_layout_passes_preflight(tmp_path, layout):
     """The control for the test above."""
@@ -199,6 +220,7 @@ def test_good_inventory_passes_preflight(tmp_path):
 @pytest.mark.parametrize("setting", [
     "chat_user: somebody",                 # a constant of the shared file
     "daphne_instances: 8",                 # wiring: group_vars/app/ is the place
+    "chat_private_address: 10.0.0.9",      # one per host: hosts.yml or host_vars/
 ])
 def test_inventory_setting_the_shared_file_would_override_is_refused(tmp_path, setting):
     """group_vars/all.yml outranks the inventory's group 'all' at playbook

@@ -1,6 +1,7 @@
 """WebSocket consumers. The protocol is described in README.md."""
 
 import logging
+import socket
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -128,7 +129,7 @@ class HealthConsumer(AsyncWebsocketConsumer):
         await self.send(
             text_data=_dumps({"status": "ok", "interface": "asgi",
                               "server": health.server_software(asgi=True),
-                              "release": settings.RELEASE})
+                              "release": settings.RELEASE, "host": socket.gethostname()})
         )
         await self.close(code=1000)
 

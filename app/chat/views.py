@@ -1,3 +1,5 @@
+import socket
+
 from django.conf import settings
 from django.core.handlers.asgi import ASGIRequest
 from django.db import connection
@@ -65,6 +67,8 @@ def healthz(request):
         "interface": "asgi" if asgi else "wsgi",
         # gunicorn, daphne or uvicorn: which layout (chat_layout) answered.
         "server": health.server_software(asgi),
+        # Which host answered: behind a web host's Nginx, any app host may.
+        "host": socket.gethostname(),
         # sqlite or postgresql: which database this deployment runs on.
         "database": connection.vendor,
         "checks": checks,

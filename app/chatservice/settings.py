@@ -127,8 +127,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # A pool per process: a request or a message borrows an open connection
     # instead of opening one (and the ASGI threads keep none of their own).
-    # Django's pool requires persistent connections off.
-    DATABASES["default"].update(CONN_MAX_AGE=0, CONN_HEALTH_CHECKS=False)
+    # Django's pool requires persistent connections off. With health checks
+    # on, Django gives the pool psycopg's check_connection: a connection that
+    # died with the server (a PostgreSQL restart) is replaced when borrowed,
+    # instead of failing the next query on it.
+    DATABASES["default"].update(CONN_MAX_AGE=0, CONN_HEALTH_CHECKS=True)
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
         "max_size": env_int("DATABASE_POOL_SIZE", 4, minimum=1),

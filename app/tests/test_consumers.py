@@ -1,6 +1,7 @@
 """The WebSocket protocol against a real Redis channel layer."""
 
 import asyncio
+import socket
 
 import pytest
 from channels.db import database_sync_to_async
@@ -263,7 +264,7 @@ async def test_websocket_health(connect, settings):
     frame = await client.receive_json_from(timeout=5)
     # The server's name is proved against real servers (test_servers.py).
     assert frame.pop("server") in {"daphne", "uvicorn", "gunicorn", "unknown"}
-    assert frame == {"status": "ok", "interface": "asgi", "release": "r-2024"}
+    assert frame == {"status": "ok", "interface": "asgi", "release": "r-2024", "host": socket.gethostname()}
     assert await client.receive_output(timeout=5) == {"type": "websocket.close", "code": 1000}
 
 

@@ -1,4 +1,5 @@
 import json
+import socket
 import time
 
 import pytest
@@ -22,6 +23,7 @@ def test_healthz_ok_under_wsgi(client, settings):
         "status": "ok",
         "release": "20240101-abc",
         "interface": "wsgi",
+        "host": socket.gethostname(),
         "database": connection.vendor,  # sqlite, or postgresql under DATABASE_URL=postgres://
         "checks": {"database": "ok", "disk": "ok", "redis": "ok"},
     }

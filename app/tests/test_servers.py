@@ -3,6 +3,7 @@ layouts' servers), talked to with HTTP and a real WebSocket client."""
 
 import asyncio
 import json
+import socket
 import os
 import signal
 import subprocess
@@ -126,6 +127,7 @@ def test_gunicorn_health_says_wsgi(servers):
         "release": RELEASE,
         "interface": "wsgi",
         "server": "gunicorn",
+        "host": socket.gethostname(),
         "database": "sqlite",  # the servers here run on a SQLite file
         "checks": {"database": "ok", "disk": "ok", "redis": "ok"},
     }
@@ -158,7 +160,8 @@ def test_websocket_health_names_the_server(servers, server):
             return frame, ws.close_code
 
     frame, close_code = asyncio.run(scenario())
-    assert frame == {"status": "ok", "interface": "asgi", "server": server, "release": RELEASE}
+    assert frame == {"status": "ok", "interface": "asgi", "server": server, "release": RELEASE,
+                     "host": socket.gethostname()}
     assert close_code == 1000
 
 

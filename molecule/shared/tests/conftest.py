@@ -195,6 +195,46 @@ class Edge:
                 time.sleep(1)
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "needs(*groups): run only on hosts in every one of these inventory groups")
+
+
+def groups_of(host):
+    """The inventory groups the host is in (web, app, redis, db)."""
+    return set(host.ansible.get_variables()["group_names"])
+
+
+def inventory_groups(host):
+    """Every group of the inventory, with its hosts."""
+    return host.ansible.get_variables()["groups"]
+
+
+def pytest_runtest_setup(item):
+    """Skips a test marked needs(...) on a host that lacks one of the groups.
+
+    The checks of one host were written for the all-in-one layout; in a
+    cluster each runs where its components are, decided by group membership
+    (here, before any fixture of the test is set up).
+    """
+    wanted = {group for marker in item.iter_markers("needs") for group in marker.args}
+    callspec = getattr(item, "callspec", None)
+    host = callspec.params.get("_testinfra_host") if callspec else None
+    if not wanted or host is None:
+        return
+    missing = wanted - groups_of(host)
+    if missing:
+        pytest.skip(f"SKIPPED: {host.backend.get_hostname()} is not in group(s) {', '.join(sorted(missing))}")
+
+
+def static_manifest(host):
+    """collectstatic's manifest where this web host's Nginx serves static files from."""
+    for folder in ("/srv/chat/current/staticfiles", "/srv/chat/static"):
+        if host.file(f"{folder}/staticfiles.json").exists:
+            return json.loads(host.file(f"{folder}/staticfiles.json").content_string)
+    pytest.fail("no staticfiles.json on the host")
+
+
 def _published_port(container_name, port):
     container = docker.from_env().containers.get(container_name)
     return container.ports[port][0]["HostPort"]
@@ -202,6 +242,9 @@ def _published_port(container_name, port):
 
 @pytest.fixture(scope="module")
 def edge(host):
+    """The host's own Nginx, as published on 127.0.0.1; only web hosts have one."""
+    if "web" not in groups_of(host):
+        pytest.skip(f"SKIPPED: {host.backend.get_hostname()} is not a web host: no edge here")
     name = host.backend.get_hostname()
     certificate = host.file("/etc/nginx/tls/chat.crt").content_string
     return Edge(_published_port(name, "80/tcp"), _published_port(name, "443/tcp"), certificate)

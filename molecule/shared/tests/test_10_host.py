@@ -8,12 +8,16 @@ from conftest import inventory_value
 APP_UNITS = ["chat-gunicorn.socket", "chat-gunicorn.service"]
 
 
-@pytest.mark.parametrize("name", ["nginx", "redis-server", "python3-venv"])
+@pytest.mark.parametrize("name", [pytest.param("nginx", marks=pytest.mark.needs("web")),
+                                  pytest.param("redis-server", marks=pytest.mark.needs("redis")),
+                                  pytest.param("python3-venv", marks=pytest.mark.needs("app"))])
 def test_package_installed(host, name):
     assert host.package(name).is_installed
 
 
-@pytest.mark.parametrize("unit", ["nginx", "redis-server", *APP_UNITS])
+@pytest.mark.parametrize("unit", [pytest.param("nginx", marks=pytest.mark.needs("web")),
+                                  pytest.param("redis-server", marks=pytest.mark.needs("redis")),
+                                  *(pytest.param(unit, marks=pytest.mark.needs("app")) for unit in APP_UNITS)])
 def test_unit_active_and_enabled(host, unit):
     service = host.service(unit)
     assert service.is_running, f"{unit} is not active"
@@ -45,6 +49,7 @@ def _open_files_limit(host, pid):
     return int(line.split()[3])
 
 
+@pytest.mark.needs("web", "app")
 def test_daphne_instances_sized_for_cpus_burst_and_sockets(host, daphne_instances, sizing):
     cpus = int(host.check_output("nproc"))
     assert len(daphne_instances) >= max(cpus, 2), "fewer Daphne instances than CPUs (or than 2)"
@@ -61,6 +66,7 @@ def test_daphne_instances_sized_for_cpus_burst_and_sockets(host, daphne_instance
     assert sum(per_instance) >= sizing["websocket_capacity"], per_instance
 
 
+@pytest.mark.needs("web")
 def test_nginx_listens_with_the_backlog_it_asks_for(host, sizing):
     # Nginx's own default is 511: a burst of handshakes beyond it waits for
     # SYN retransmits. State Recv-Q Send-Q Local ...: Send-Q is a listener's backlog.
@@ -69,6 +75,7 @@ def test_nginx_listens_with_the_backlog_it_asks_for(host, sizing):
     assert {fields[2] for fields in listeners} == {str(sizing["listen_backlog"])}, listeners
 
 
+@pytest.mark.needs("web")
 def test_nginx_workers_sized_for_the_websockets_under_their_descriptor_limit(host, sizing):
     config = host.check_output("nginx -T 2>/dev/null")
     connections = int(re.search(r"^\s*worker_connections\s+(\d+);", config, re.M).group(1))
@@ -82,6 +89,7 @@ def test_nginx_workers_sized_for_the_websockets_under_their_descriptor_limit(hos
     assert (len(workers) - 1) * connections >= 2 * sizing["websocket_capacity"], (len(workers), connections)
 
 
+@pytest.mark.needs("app")
 def test_every_daphne_instance_active_and_enabled(host, daphne_instances):
     for n in daphne_instances:
         for unit in (f"chat-daphne@{n}.socket", f"chat-daphne@{n}.service"):
@@ -103,12 +111,14 @@ def app_sockets(host, daphne_instances):
     return ["/run/chat/gunicorn.sock"] + [f"/run/chat/daphne-{n}.sock" for n in daphne_instances]
 
 
+@pytest.mark.needs("web", "app")
 def test_socket_folder_open_to_nginx_only(host):
     folder = host.file("/run/chat")
     assert folder.is_directory
     assert (folder.user, folder.group, folder.mode) == ("chat", "www-data", 0o750)
 
 
+@pytest.mark.needs("web", "app")
 def test_app_sockets_owned_by_app_and_nginx_group(host, app_sockets):
     for path in app_sockets:
         socket = host.file(path)
@@ -116,23 +126,27 @@ def test_app_sockets_owned_by_app_and_nginx_group(host, app_sockets):
         assert (socket.user, socket.group) == ("chat", "www-data"), path
 
 
+@pytest.mark.needs("web", "app")
 def test_nginx_user_can_connect_to_app_sockets(host, app_sockets):
     for path in app_sockets:
         result = host.run("runuser -u www-data -- " + CONNECT + path)
         assert result.rc == 0, f"www-data cannot connect to {path}: {result.stderr}"
 
 
+@pytest.mark.needs("web", "app")
 def test_other_users_cannot_connect_to_app_sockets(host, app_sockets):
     for path in app_sockets:
         result = host.run("runuser -u nobody -- " + CONNECT + path)
         assert result.rc != 0 and "Permission denied" in result.stderr, f"nobody reached {path}"
 
 
+@pytest.mark.needs("web")
 def test_nginx_config_valid(host):
     result = host.run("nginx -t")
     assert result.rc == 0, result.stderr
 
 
+@pytest.mark.needs("web", "app")
 def test_nginx_upstream_lists_every_daphne(host, daphne_instances):
     site = host.file("/etc/nginx/sites-enabled/chat.conf").content_string
     for n in daphne_instances:
@@ -141,10 +155,12 @@ def test_nginx_upstream_lists_every_daphne(host, daphne_instances):
     assert not host.file("/etc/nginx/sites-enabled/default").exists
 
 
+@pytest.mark.needs("web")
 def test_server_tokens_off(host):
     assert "server_tokens off;" in host.file("/etc/nginx/nginx.conf").content_string
 
 
+@pytest.mark.needs("redis", "app")
 def test_redis_listens_on_loopback_only(host):
     listeners = [s for s in host.socket.get_listening_sockets() if s.endswith(":6379")]
     assert listeners, "redis-server is not listening"
@@ -152,16 +168,19 @@ def test_redis_listens_on_loopback_only(host):
         assert address in ("tcp://127.0.0.1:6379", "tcp://::1:6379"), f"Redis listens on {address}"
 
 
+@pytest.mark.needs("redis")
 def test_redis_refuses_commands_without_password(host):
     result = host.run("redis-cli -h 127.0.0.1 SET probe 1")
     assert "NOAUTH" in result.stdout + result.stderr
 
 
+@pytest.mark.needs("redis")
 def test_redis_config_not_world_readable(host):
     conf = host.file("/etc/redis/redis.conf")
     assert conf.mode & 0o007 == 0
 
 
+@pytest.mark.needs("app")
 def test_env_file_private(host):
     env = host.file("/srv/chat/shared/chat.env")
     assert env.user == "root"
@@ -170,6 +189,7 @@ def test_env_file_private(host):
     assert "SECRET_KEY=" in host.check_output("cat /srv/chat/shared/chat.env")
 
 
+@pytest.mark.needs("app")
 def test_live_release_is_owned_by_root(host):
     current = host.file("/srv/chat/current")
     assert current.is_symlink
@@ -178,6 +198,7 @@ def test_live_release_is_owned_by_root(host):
     assert host.file(current.linked_to + "/.venv/bin/daphne").exists
 
 
+@pytest.mark.needs("app")
 def test_app_units_are_sandboxed(host):
     props = host.check_output(
         "systemctl show chat-gunicorn.service -p NoNewPrivileges -p ProtectSystem -p PrivateTmp -p User")
@@ -187,6 +208,7 @@ def test_app_units_are_sandboxed(host):
     assert "User=chat" in props
 
 
+@pytest.mark.needs("app")
 @pytest.mark.parametrize("unit", ["chat-gunicorn.service", "chat-daphne@1.service"])
 def test_app_unit_exposure_is_low(host, unit):
     """systemd's own score of the sandbox: 0 is locked down, 10 is exposed."""

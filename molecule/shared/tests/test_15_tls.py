@@ -8,6 +8,8 @@ import uuid
 
 import pytest
 
+from conftest import static_manifest
+
 
 def handshake(edge, context, server_name="localhost"):
     """One TLS handshake with Nginx's https port; returns the TLS socket's facts."""
@@ -65,7 +67,7 @@ def test_hsts_on_every_response(edge, path):
 
 
 def test_hsts_on_static_files(edge, host):
-    manifest = json.loads(host.check_output("cat /srv/chat/current/staticfiles/staticfiles.json"))
+    manifest = static_manifest(host)
     hashed = next(iter(manifest["paths"].values()))
     status, headers, _ = edge.request(f"{edge.base}/static/{hashed}")
     assert status == 200
@@ -118,6 +120,7 @@ def test_django_sees_https(edge):
     assert status == 200, body[:200]
 
 
+@pytest.mark.needs("web", "app")
 def test_django_redirects_what_claims_plain_http(host):
     """Behind the proxy, a request that says it came over http is sent to https."""
     out = host.check_output(
@@ -126,6 +129,7 @@ def test_django_redirects_what_claims_plain_http(host):
     assert out.startswith("301 https://localhost/healthz"), out
 
 
+@pytest.mark.needs("app")
 def test_deploy_check_is_clean(host):
     result = host.run("chat-manage check --deploy --fail-level WARNING")
     print(result.stdout + result.stderr)

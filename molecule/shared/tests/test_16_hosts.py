@@ -47,6 +47,7 @@ def test_websocket_handshake_control_with_the_sites_host(edge):
     assert raw_websocket_handshake(edge, f"localhost:{edge.tls_port}").startswith(b"HTTP/1.1 101")
 
 
+@pytest.mark.needs("web", "app")
 def test_foreign_hosts_never_reach_the_app(host, edge):
     since = host_time(host)
 

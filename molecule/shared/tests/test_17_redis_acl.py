@@ -6,6 +6,10 @@ import pytest
 
 from conftest import inventory_value
 
+# The app's Redis URL is read from its env file, and redis-cli runs on the
+# Redis host: both on one host (the cluster proves its own Redis access).
+pytestmark = pytest.mark.needs("redis", "app")
+
 
 @pytest.fixture(scope="module")
 def app_url(host):

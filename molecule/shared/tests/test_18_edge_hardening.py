@@ -1,11 +1,12 @@
 """Nginx hardening: headers, HEAD, validated config, per-client limits, its sandbox."""
 
-import json
 import re
 import time
 import uuid
 
 import pytest
+
+from conftest import static_manifest
 from websockets.exceptions import InvalidStatus
 
 CSP = "default-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'"
@@ -16,6 +17,7 @@ def exposure(host, unit):
     return float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out).group(1))
 
 
+@pytest.mark.needs("web", "redis", "app")
 def test_exposure_scores(host, daphne_instances):
     """Prints systemd's scores (0 locked down, 10 exposed) and holds Nginx to 3.0."""
     units = ["nginx.service", "redis-server.service", "chat-gunicorn.service"]
@@ -26,6 +28,7 @@ def test_exposure_scores(host, daphne_instances):
     assert scores["nginx.service"] <= 3.0
 
 
+@pytest.mark.needs("web")
 def test_nginx_runs_with_few_capabilities(host):
     props = host.check_output("systemctl show nginx -p CapabilityBoundingSet -p NoNewPrivileges -p ProtectSystem")
     assert "NoNewPrivileges=yes" in props and "ProtectSystem=strict" in props
@@ -36,7 +39,7 @@ def test_nginx_runs_with_few_capabilities(host):
 
 @pytest.fixture(scope="module")
 def static_path(host):
-    manifest = json.loads(host.check_output("cat /srv/chat/current/staticfiles/staticfiles.json"))
+    manifest = static_manifest(host)
     return "/static/" + next(iter(manifest["paths"].values()))
 
 
@@ -58,6 +61,7 @@ def test_head_is_answered_like_get(edge, path):
     assert body == ""
 
 
+@pytest.mark.needs("web")
 def test_a_bad_config_is_refused_before_it_is_written(host):
     """What Ansible's validate: runs: the candidate is checked in its place."""
     site = "/etc/nginx/sites-enabled/chat.conf"

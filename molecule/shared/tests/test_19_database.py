@@ -1,5 +1,5 @@
 """The database: PostgreSQL where the inventory has a host in group `db`
-(the ssh scenario, as staging and production), SQLite otherwise (the
+(the cluster scenario, as staging and production), SQLite otherwise (the
 default scenario, as the local demo). /healthz says which."""
 
 import json
@@ -9,18 +9,20 @@ import uuid
 
 import pytest
 
-from conftest import inventory_value
+from conftest import groups_of, inventory_groups, inventory_value
 
 
 @pytest.fixture(scope="module")
 def on_postgresql(host):
-    return "db" in host.ansible.get_variables()["group_names"]
+    return len(inventory_groups(host).get("db", [])) > 0
 
 
 @pytest.fixture(scope="module")
 def postgresql(host, on_postgresql):
     if not on_postgresql:
         pytest.skip("no host in group db: the app keeps SQLite")
+    if "db" not in groups_of(host):
+        pytest.skip(f"SKIPPED: {host.backend.get_hostname()} is not the db host")
     major = host.check_output("ls /etc/postgresql")
     return {"unit": f"postgresql@{major}-main", "version": major}
 
@@ -44,9 +46,16 @@ def test_debian_postgresql_runs_and_starts_at_boot(host, postgresql):
 
 
 def test_postgresql_listens_on_loopback_only(host, postgresql):
+    """Loopback, and the private address where app hosts are elsewhere."""
     listening = host.check_output("ss -Htln 'sport = :5432'")
     addresses = {line.split()[3].rsplit(":", 1)[0] for line in listening.splitlines()}
-    assert addresses == {"127.0.0.1"}
+    assert "127.0.0.1" in addresses
+    app_elsewhere = set(inventory_groups(host)["app"]) - {host.backend.get_hostname()}
+    if app_elsewhere:
+        own = set(host.check_output("hostname -I").split())
+        assert addresses - {"127.0.0.1"} and addresses - {"127.0.0.1"} <= own, addresses
+    else:
+        assert addresses == {"127.0.0.1"}
 
 
 def app_url(host):
@@ -54,6 +63,7 @@ def app_url(host):
     return re.search(r"^DATABASE_URL='([^']+)'", env, re.MULTILINE).group(1)
 
 
+@pytest.mark.needs("db", "app")
 def test_only_the_app_role_logs_in_with_its_password(host, postgresql):
     url = app_url(host)
     assert host.run("psql -XAtq %s -c 'select 1'", url).stdout.strip() == "1"
@@ -65,11 +75,13 @@ def test_only_the_app_role_logs_in_with_its_password(host, postgresql):
     assert psql(host, "select rolpassword like 'SCRAM-SHA-256$%' from pg_authid where rolname = 'chat'") == "t"
 
 
+@pytest.mark.needs("db", "app")
 def test_the_password_is_the_inventorys(host, postgresql):
     password = inventory_value(host.backend.get_hostname(), "chat_db_password")
     assert f":{password}@127.0.0.1:5432/chat" in app_url(host)
 
 
+@pytest.mark.needs("db", "app")
 def test_messages_are_stored_in_postgresql_over_pooled_connections(host, edge, postgresql):
     """Messages through Nginx and Daphne land in PostgreSQL, and the app's
     connections stay within its pools: a message is not a connection."""

@@ -4,6 +4,8 @@ import json
 import uuid
 
 import pytest
+
+from conftest import static_manifest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 
@@ -57,7 +59,7 @@ def test_plain_http_under_ws_does_not_reach_gunicorn(edge):
 
 
 def test_static_files_served_by_nginx(edge, host):
-    manifest = json.loads(host.check_output("cat /srv/chat/current/staticfiles/staticfiles.json"))
+    manifest = static_manifest(host)
     hashed = next(iter(manifest["paths"].values()))
     status, _ = edge.get(f"/static/{hashed}")
     assert status == 200

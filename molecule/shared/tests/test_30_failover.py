@@ -7,6 +7,10 @@ the service again.
 """
 
 import pytest
+
+# Stops the app's units of the host and asks its own Nginx (the cluster
+# stops a whole app host instead: test_90_cluster.py).
+pytestmark = pytest.mark.needs("web", "app")
 from websockets.exceptions import InvalidStatus
 
 

@@ -1,5 +1,5 @@
 #!/bin/sh
-# The ssh scenario's vault password, as an operator's --vault-password-file:
+# The cluster scenario's vault password, as an operator's --vault-password-file:
 # made once per scenario run, in its ephemeral folder, and printed.
 set -eu
 file="${MOLECULE_EPHEMERAL_DIRECTORY:?run by molecule}/vault-password"

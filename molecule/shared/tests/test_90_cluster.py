@@ -1,0 +1,339 @@
+"""A cluster: web, app and data tiers on their own hosts (the cluster scenario).
+
+Runs once for the inventory, not once per host: each check picks its hosts
+by group. Skipped where the layout has one app host.
+"""
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.parse
+import uuid
+
+import pytest
+import testinfra
+import testinfra.utils.ansible_runner
+import yaml
+from websockets.exceptions import InvalidStatus
+
+from conftest import INVENTORY, Edge, WebSocket, _published_port, report, run_playbook
+from test_70_faults import _health_check_fails, account, new_room, recovery_after, room_traffic
+from traffic import Traffic
+
+RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
+APP_HOSTS = RUNNER.get_hosts("app")
+WEB_HOSTS = RUNNER.get_hosts("web")
+
+pytestmark = pytest.mark.skipif(
+    len(APP_HOSTS) < 2 or set(WEB_HOSTS) & set(APP_HOSTS),
+    reason="SKIPPED: the layout has no separate web host and two app hosts")
+
+
+def on(name):
+    return testinfra.get_host(f"ansible://{name}?ansible_inventory={INVENTORY}")
+
+
+@pytest.fixture(scope="module")
+def lb():
+    return on(WEB_HOSTS[0])
+
+
+@pytest.fixture(scope="module")
+def edge(lb):
+    name = lb.backend.get_hostname()
+    return Edge(_published_port(name, "80/tcp"), _published_port(name, "443/tcp"),
+                lb.file("/etc/nginx/tls/chat.crt").content_string)
+
+
+def listen_address(app, unit):
+    """ADDRESS:PORT a socket unit of an app host listens on, as systemd says."""
+    listen = app.check_output("systemctl show -p Listen --value %s", unit)
+    return listen.split()[0]
+
+
+def private_address(name):
+    return listen_address(on(name), "chat-gunicorn.socket").rsplit(":", 1)[0]
+
+
+def host_names(edge, count):
+    """Which app hosts answered count /healthz requests and count /ws/health/ handshakes."""
+    http, ws = [], []
+    for _ in range(count):
+        status, health = edge.get_json("/healthz")
+        assert status == 200, health
+        http.append(health["host"])
+        with edge.websocket("/ws/health/") as socket_:
+            ws.append(edge.receive(socket_)["host"])
+    return http, ws
+
+
+@contextlib.contextmanager
+def tunnel(lb, target):
+    """A local port forwarded over SSH through the web host to target (ADDRESS:PORT).
+
+    The connection to target starts on the web host, the one host the app
+    hosts' firewall lets in.
+    """
+    facts = lb.ansible.get_variables()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        local_port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        ["ssh", "-N", "-i", facts["ansible_private_key_file"], "-p", str(facts.get("ansible_port", 22)),
+         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+         "-o", "ExitOnForwardFailure=yes", "-o", "BatchMode=yes",
+         "-L", f"127.0.0.1:{local_port}:{target}", f"{facts['ansible_user']}@{facts['ansible_host']}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", local_port), timeout=2):
+                break
+            assert process.poll() is None, process.stderr.read().decode()
+            assert time.monotonic() < deadline, f"the tunnel to {target} did not open"
+            time.sleep(0.2)
+        yield local_port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def direct_websocket(port, path, edge):
+    """A WebSocket to one Daphne instance through a tunnel, as the site's page would open it."""
+    return WebSocket(f"ws://localhost:{port}{path}", edge.origin, None, 10)
+
+
+def history(ws):
+    frame = json.loads(ws.recv())
+    assert frame["type"] == "history", frame
+    return frame["messages"]
+
+
+def message(ws):
+    frame = json.loads(ws.recv())
+    assert frame["type"] == "message", frame
+    return frame
+
+
+def test_websockets_on_two_app_hosts_share_a_room(lb, edge):
+    """The channel layer crosses hosts: app1's Daphne and app2's, one room."""
+    first, second = (listen_address(on(name), "chat-daphne@1.socket") for name in APP_HOSTS[:2])
+    room = f"cluster-{uuid.uuid4().hex[:8]}"
+    with tunnel(lb, first) as port1, tunnel(lb, second) as port2:
+        with direct_websocket(port1, f"/ws/chat/{room}/", edge) as alice, \
+                direct_websocket(port2, f"/ws/chat/{room}/", edge) as bob:
+            assert history(alice) == history(bob) == []
+            alice.send(json.dumps({"type": "message", "nickname": "alice", "body": "from app1"}))
+            assert message(bob)["body"] == message(alice)["body"] == "from app1"
+            bob.send(json.dumps({"type": "message", "nickname": "bob", "body": "from app2"}))
+            assert message(alice)["body"] == message(bob)["body"] == "from app2"
+        # Whoever joins later, on either host, gets the same history.
+        with direct_websocket(port1, f"/ws/chat/{room}/", edge) as carol, \
+                direct_websocket(port2, f"/ws/chat/{room}/", edge) as dave:
+            seen_on_first, seen_on_second = history(carol), history(dave)
+    assert seen_on_first == seen_on_second
+    assert [m["body"] for m in seen_on_first] == ["from app1", "from app2"]
+    assert [m["seq"] for m in seen_on_first] == [1, 2]
+
+
+def test_pages_health_and_websockets_through_the_web_host_reach_every_app_host(edge):
+    status, body = edge.get("/")
+    assert status == 200 and "<html" in body.lower()
+    status, body = edge.get("/chat/lobby/")
+    assert status == 200
+    http, ws = host_names(edge, 16)
+    assert set(http) == set(APP_HOSTS), f"/healthz answered from {sorted(set(http))}"
+    assert set(ws) == set(APP_HOSTS), f"/ws/health/ answered from {sorted(set(ws))}"
+
+
+def test_static_files_of_the_release_come_from_the_web_host(lb, edge):
+    manifest = json.loads(lb.file("/srv/chat/static/staticfiles.json").content_string)
+    hashed = next(iter(manifest["paths"].values()))
+    status, _ = edge.get(f"/static/{hashed}")
+    assert status == 200
+    assert not lb.file("/srv/chat/current").exists, "the web host got a release it does not run"
+
+
+def tcp_open(host, address, port):
+    """Whether host can open a TCP connection to address:port (3 s at most)."""
+    return host.run("timeout 3 bash -c %s", f"</dev/tcp/{address}/{port}").rc == 0
+
+
+def test_data_tier_is_closed_to_the_web_host(lb):
+    data = private_address_of_data()
+    app = private_address(APP_HOSTS[0])
+    # The control: the web host reaches what it needs.
+    assert tcp_open(lb, app, 8000)
+    for port in (6379, 5432):
+        assert not tcp_open(lb, data, port), f"the web host reaches {data}:{port}"
+
+
+def private_address_of_data():
+    """The Redis host's address, as the app's own settings name it."""
+    env = on(APP_HOSTS[0]).check_output("cat /srv/chat/shared/chat.env")
+    redis_url = next(line for line in env.splitlines() if line.startswith("REDIS_URL="))
+    return redis_url.split("@", 1)[1].split(":", 1)[0]
+
+
+REDIS_PING = """
+import socket, sys
+sock = socket.create_connection((sys.argv[1], 6379), timeout=5)
+if len(sys.argv) > 2:
+    sock.sendall(("AUTH %s %s\\r\\n" % (sys.argv[2], sys.argv[3])).encode())
+    print(sock.recv(200).decode().strip())
+sock.sendall(b"PING\\r\\n")
+print(sock.recv(200).decode().strip())
+"""
+
+PG_QUERY = """
+import sys, psycopg
+try:
+    print(psycopg.connect(sys.argv[1], connect_timeout=5).execute("select 'answered'").fetchone()[0])
+except psycopg.OperationalError as error:
+    print("refused:", str(error).strip().splitlines()[-1])
+"""
+
+
+def test_app_hosts_reach_redis_and_postgresql_only_with_credentials():
+    app = on(APP_HOSTS[0])
+    env = dict(line.split("=", 1) for line in app.check_output("cat /srv/chat/shared/chat.env").splitlines()
+               if "=" in line and not line.startswith("#"))
+    redis_url, database_url = env["REDIS_URL"].strip("'"), env["DATABASE_URL"].strip("'")
+    user, password = redis_url.split("//", 1)[1].split("@", 1)[0].split(":", 1)
+    data = redis_url.split("@", 1)[1].split(":", 1)[0]
+    anonymous = app.check_output("python3 -c %s %s", REDIS_PING, data)
+    assert "NOAUTH" in anonymous, anonymous
+    assert app.check_output("python3 -c %s %s %s %s", REDIS_PING, data, user, password).splitlines() \
+        == ["+OK", "+PONG"]
+    python = "/srv/chat/current/.venv/bin/python"
+    parts = urllib.parse.urlsplit(database_url)
+    without_password = parts._replace(netloc=f"{parts.username}@{parts.hostname}:{parts.port}").geturl()
+    assert "refused:" in app.check_output("%s -c %s %s", python, PG_QUERY, without_password)
+    assert app.check_output("%s -c %s %s", python, PG_QUERY, database_url) == "answered"
+
+
+APP_UNITS = "chat-gunicorn.socket chat-gunicorn.service 'chat-daphne@*.socket' 'chat-daphne@*.service'"
+
+
+def test_a_stopped_app_host_is_skipped_and_rejoins(edge):
+    """Its servers stop: requests and new WebSockets go to the others, none fails."""
+    stopped, others = APP_HOSTS[0], APP_HOSTS[1:]
+    app = on(stopped)
+    app.check_output(f"systemctl stop {APP_UNITS}")
+    try:
+        started = time.monotonic()
+        slowest, last_slow, answers = 0.0, 0.0, []
+        while time.monotonic() - started < 20:
+            before = time.monotonic()
+            status, health = edge.get_json("/healthz")
+            took = time.monotonic() - before
+            assert status == 200, health
+            answers.append(health["host"])
+            slowest = max(slowest, took)
+            if took > 1:
+                last_slow = time.monotonic() - started
+            with edge.websocket("/ws/health/") as ws:
+                answers.append(edge.receive(ws)["host"])
+            # Within Nginx's per-address handshake rate (10/s).
+            time.sleep(0.25)
+        assert set(answers) <= set(others), f"{stopped} answered after its servers stopped"
+        report(f"app host {stopped} stopped: {len(answers)} requests and handshakes through the web "
+               f"host in 20 s, 0 failed; slowest {slowest:.2f} s; last one slower than 1 s at "
+               f"{last_slow:.1f} s after the stop")
+    finally:
+        app.check_output("systemctl start chat-gunicorn.socket chat-gunicorn.service "
+                         + " ".join(f"chat-daphne@{n}.socket chat-daphne@{n}.service"
+                                    for n in enabled_daphne_instances(app)))
+    deadline = time.monotonic() + 120
+    while stopped not in host_names(edge, 4)[0] + host_names(edge, 4)[1]:
+        assert time.monotonic() < deadline, f"{stopped} did not rejoin in 120 s"
+        time.sleep(2)
+
+
+def enabled_daphne_instances(app):
+    out = app.check_output(
+        "find /etc/systemd/system/multi-user.target.wants -name 'chat-daphne@*.service' -printf '%f\\n'")
+    return sorted(int(name.split("@")[1].split(".")[0]) for name in out.split())
+
+
+# After the restart, connections the pool held died with the server; the
+# pool checks a connection before lending it (CONN_HEALTH_CHECKS), so history
+# reads and stores go on over fresh ones.
+def test_postgresql_stopped_is_reported_refused_and_resumes(edge):
+    """The database host's PostgreSQL stops for a while under a room's traffic."""
+    data = on(RUNNER.get_hosts("db")[0])
+    unit = f"postgresql@{data.check_output('ls /etc/postgresql')}-main"
+    room = new_room("postgresql-stopped")
+    outage = 8
+    traffic = room_traffic(edge, room)
+    try:
+        with traffic as counts:
+            time.sleep(2)
+            data.check_output("systemctl stop %s", unit)
+            stopped_at = time.monotonic()
+            health = _health_check_fails(edge, "database", "", timeout=30)
+            named_after = time.monotonic() - stopped_at
+            time.sleep(max(0.0, outage - (time.monotonic() - stopped_at)))
+            data.check_output("systemctl start %s", unit)
+            recovery = recovery_after(traffic, edge, room, time.monotonic())
+            edge.wait_healthy(timeout=60)
+            time.sleep(5)
+    finally:
+        data.run("systemctl start %s", unit)
+    report(f"fault postgresql stopped {outage} s: /healthz answered 503 after {named_after:.1f} s "
+           f"with database {health['checks']['database'][:80]!r}")
+    if counts.ws_failed_handshakes:
+        report(f"fault postgresql stopped: first failed handshake or catch-up: {counts.ws_failed_handshakes[0]}")
+    account("postgresql stopped", edge, room, counts, recovery)
+    assert counts.refused, "no sender got an error frame while PostgreSQL was stopped"
+    assert {code for _, code in counts.refused} <= {"store_failed"}, counts.refused
+    edge.wait_healthy()
+
+
+# Nginx lists only app hosts that serve a release (chat_upstream_hosts):
+# app3 joins lb's upstreams after its first release passed the gate, in the
+# play after the app play, not while its first Gunicorn start is slow.
+def test_a_third_app_host_joins_a_running_cluster_without_a_failed_request(lb, edge):
+    """app3 is added to group app and site.yml runs again while clients use the site."""
+    spare_file = os.path.join(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"], "spare-instance.yml")
+    if not os.path.exists(spare_file):
+        pytest.skip("SKIPPED: the scenario made no spare app host")
+    (spare,) = yaml.safe_load(open(spare_file))
+    like = RUNNER.get_variables(APP_HOSTS[0])
+    # Beside Molecule's inventory, whose group_vars (and vault) it shares;
+    # removed afterwards, as Molecule reads every file of that folder.
+    joined = os.path.join(os.path.dirname(INVENTORY), "zz-joined.yml")
+    with open(joined, "w") as out:
+        out.write(yaml.safe_dump({"app": {"hosts": {spare["instance"]: {
+            "ansible_host": spare["address"], "ansible_port": spare["port"], "ansible_user": spare["user"],
+            "ansible_private_key_file": spare["identity_file"],
+            "ansible_ssh_common_args": like["ansible_ssh_common_args"]}}}}))
+    room = new_room("join")
+    try:
+        with Traffic(edge, room, http_clients=4, sockets=20, senders=2, max_seconds=900) as counts:
+            result = run_playbook("site.yml", "-i", joined)
+    finally:
+        os.remove(joined)
+    assert result.returncode == 0, result.stdout[-5000:]
+    requests = counts.http_ok + len(counts.http_failed)
+    report(f"app host {spare['instance']} joined in {result.seconds:.0f} s (site.yml) under load: "
+           f"{requests} HTTP requests, {len(counts.http_failed)} failed; "
+           f"{len(counts.ws_failed_handshakes)} WebSocket handshakes failed, "
+           f"{len(counts.reconnects)} sockets dropped; messages acknowledged {len(counts.acknowledged)}")
+    assert counts.http_failed == [], counts.http_failed[:5]
+    assert counts.ws_failed_handshakes == [], counts.ws_failed_handshakes[:5]
+    assert counts.silent == [], counts.silent[:5]
+    deadline = time.monotonic() + 60
+    while spare["instance"] not in set(sum(host_names(edge, 6), [])):
+        assert time.monotonic() < deadline, f"{spare['instance']} never answered through the web host"
+        time.sleep(1)
+
+
+def test_a_new_handshake_to_a_foreign_origin_is_still_refused_on_every_host(edge):
+    """The control for the checks above: the edge still judges every handshake."""
+    with pytest.raises(InvalidStatus):
+        edge.websocket("/ws/health/", origin="https://evil.example")
+

@@ -382,18 +382,22 @@ def _health_check_fails(edge, check, text, timeout=10):
         time.sleep(0.3)
 
 
+def _hold_database_lock(host, seconds):
+    """Another process holds SQLite's write lock for seconds, as a long transaction would."""
+    host.run_expect([0], "nohup " + _as_chat_python(
+        "import sqlite3, time\n"
+        f"c = sqlite3.connect({DATABASE!r}, isolation_level=None)\n"
+        f"c.execute('BEGIN IMMEDIATE')\ntime.sleep({seconds})\nc.execute('ROLLBACK')\n")
+        + " >/dev/null 2>&1 &")
+
+
 def test_a_locked_database_is_reported_refused_and_resumes(host, edge):
     room = new_room("db-locked")
     hold = 8
     traffic = room_traffic(edge, room)
     with traffic as counts:
         time.sleep(2)
-        # Another process holds SQLite's write lock, as a long transaction would.
-        host.run_expect([0], "nohup " + _as_chat_python(
-            "import sqlite3, time\n"
-            f"c = sqlite3.connect({DATABASE!r}, isolation_level=None)\n"
-            f"c.execute('BEGIN IMMEDIATE')\ntime.sleep({hold})\nc.execute('ROLLBACK')\n")
-            + " >/dev/null 2>&1 &")
+        _hold_database_lock(host, hold)
         locked_at = time.monotonic()
         health = _health_check_fails(edge, "database", "locked")
         # Reads of other sockets go on while posts wait for the lock.
@@ -407,6 +411,25 @@ def test_a_locked_database_is_reported_refused_and_resumes(host, edge):
     assert {code for _, code in counts.refused} <= {"store_failed"}, counts.refused
     assert latency < 2, f"a history read waited {latency:.2f} s behind the stuck writes"
     edge.wait_healthy()
+
+
+def test_the_clients_catch_up_only_after_the_last_posts_are_answered(host, edge):
+    """The harness itself: posts still waiting for the lock when the traffic ends are stored later.
+
+    The lock is held for less than the busy timeout, and the traffic ends
+    while it is held: the senders' last posts are stored only once it is
+    given back, after the end. Every client must still have them, which it
+    can only if it caught up after they were answered.
+    """
+    room = new_room("late-posts")
+    traffic = room_traffic(edge, room)
+    with traffic as counts:
+        time.sleep(2)
+        _hold_database_lock(host, 4)
+        time.sleep(1)  # posts queue behind the lock
+    account("posts stored after the traffic ended (harness)", edge, room, counts, 0.0, expect_drops=0)
+    assert counts.late_answers > 0, "no post was answered after the end: the check proved nothing"
+    assert counts.refused == [], counts.refused
 
 
 def _sqlite_backup(source, target):

@@ -74,6 +74,8 @@ class Counts:
     refused: list = field(default_factory=list)
     resent: list = field(default_factory=list)
     silent: list = field(default_factory=list)
+    # Answers that came after the block ended (posts that were still waiting).
+    late_answers: int = 0
     # Per client, what it saw once it caught up at the end (None: it could
     # not, by the end of the block's time).
     seen: list = field(default_factory=list)
@@ -155,6 +157,8 @@ class Traffic:
     def _record_answer(self, body, answer):
         """Counts the server's answer to one post: "ack", or the error code that refused it."""
         with self._lock:
+            if self._stop.is_set():
+                self.counts.late_answers += 1
             if answer == "ack":
                 self.counts.acknowledged.append(body)
             else:

@@ -9,7 +9,8 @@ from django.conf import settings
 from . import fanout, health, store
 from .dbcalls import reads
 from .models import is_valid_room_name
-from .protocol import ProtocolError, clean_body, clean_nickname, clean_since, parse_frame
+from .protocol import (ProtocolError, clean_body, clean_client_id, clean_nickname, clean_since, client_id_of,
+                       parse_frame)
 from .ratelimit import TokenBucket
 
 # Sent after accepting, because closing before accept() can only answer the
@@ -93,20 +94,26 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 raise refused
             await getattr(self, f"handle_{frame['type']}")(frame)
         except ProtocolError as error:
-            await self.send(text_data=_dumps(error.as_frame()))
+            # A refused post is named by its client_id, so the client knows which one.
+            await self.send(text_data=_dumps(error.as_frame(client_id_of(frame))))
 
     async def handle_message(self, frame):
         nickname = clean_nickname(frame.get("nickname"))
         body = clean_body(frame.get("body"), settings.CHAT_MAX_BODY_LENGTH)
+        client_id = clean_client_id(frame.get("client_id"))
         # Stored before it is broadcast, so everything a client sees live can
         # also be fetched again by seq.
         try:
-            await self.hub.post(self.room_name, nickname, body)
+            message, repeat = await self.hub.post(self.room_name, nickname, body, client_id)
         except Exception as error:
             log.warning("storing a message in room %s failed: %s", self.room_name, fanout.describe(error))
             raise ProtocolError(
                 "store_failed", "the message could not be stored and was not sent; try again"
             ) from error
+        if repeat:
+            # Stored before (a resend after a drop): the sender gets that
+            # message as its answer; the room had it already.
+            await self.send(text_data=_dumps(message))
 
     async def handle_history(self, frame):
         since = clean_since(frame.get("since"))

@@ -124,7 +124,7 @@ def _recent_frames(room_name, limit):
 
 @writes
 def _store_posts(posts):
-    return [m.as_frame() for m in store.post_messages(posts)]
+    return [(m.as_frame(), m.repeat) for m in store.post_messages(posts)]
 
 
 @reads
@@ -266,7 +266,7 @@ class Hub:
         # Serializes group_add/group_discard so a room closed and reopened at
         # once never ends up discarded after its new add.
         self.membership = asyncio.Lock()
-        # Posts waiting for the database: (room, nickname, body, future).
+        # Posts waiting for the database: (room, nickname, body, client_id, future).
         self.posts = []
         self.poster = None
         # False from a failed layer operation until a probe came back.
@@ -538,8 +538,14 @@ class Hub:
 
     # Posting --------------------------------------------------------------
 
-    async def post(self, room_name, nickname, body):
-        """Stores a message and publishes it; returns it as a frame dict.
+    async def post(self, room_name, nickname, body, client_id=None):
+        """Stores a message and publishes it; returns (it as a frame dict, repeat).
+
+        repeat: a message with this client_id was stored before (a resend);
+        the stored one is returned and nothing new is written. It is handed
+        out and published again all the same (each hub drops a seq it has
+        handed out already): the process that stored it may have died before
+        it published it.
 
         Posts that arrive while a write is running are stored together in the
         next one (group commit): one thread hop, connection and transaction
@@ -549,7 +555,7 @@ class Hub:
         or when it answers again.
         """
         future = self.loop.create_future()
-        self.posts.append((room_name, nickname, body, future))
+        self.posts.append((room_name, nickname, body, client_id, future))
         if self.poster is None or self.poster.done():
             self.poster = self.loop.create_task(self._write_posts())
         return await future
@@ -558,17 +564,17 @@ class Hub:
         while self.posts:
             batch, self.posts = self.posts[:POST_BATCH], self.posts[POST_BATCH:]
             try:
-                stored = await _store_posts([(room, nick, body) for room, nick, body, _ in batch])
+                stored = await _store_posts([post for *post, _ in batch])
             except Exception as error:
                 for *_, future in batch:
                     if not future.done():
                         future.set_exception(error)
                 continue
-            for message, (room_name, *_, future) in zip(stored, batch):
+            for (message, repeat), (room_name, *_, future) in zip(stored, batch):
                 self.deliver(message)
                 if not future.done():
-                    future.set_result(message)
-            for message, (room_name, *_) in zip(stored, batch):
+                    future.set_result((message, repeat))
+            for (message, _), (room_name, *_) in zip(stored, batch):
                 if not self.layer_ok:
                     self.unpublished.append((room_name, message))
                     continue

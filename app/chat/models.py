@@ -34,11 +34,20 @@ class Message(models.Model):
     nickname = models.CharField(max_length=32)
     body = models.TextField()
     created = models.DateTimeField(auto_now_add=True)
+    # The id the posting client gave the message (its idempotency key): a
+    # client that resends a post it got no answer for (its socket dropped)
+    # gets the stored message back instead of a second copy. None: the client
+    # gave none, and nothing is deduplicated.
+    client_id = models.CharField(max_length=64, null=True, blank=True)
 
     class Meta:
         ordering = ["room", "seq"]
         constraints = [
             models.UniqueConstraint(fields=["room", "seq"], name="chat_message_room_seq_unique"),
+            # Partial: posts without an id are not deduplicated (and on SQLite
+            # a partial index is added in place, without copying the table).
+            models.UniqueConstraint(fields=["room", "client_id"], condition=models.Q(client_id__isnull=False),
+                                    name="chat_message_room_client_id_unique"),
         ]
 
     def __str__(self):
@@ -54,4 +63,5 @@ class Message(models.Model):
             "nickname": self.nickname,
             "body": self.body,
             "created": self.created.isoformat(),
+            "client_id": self.client_id,
         }

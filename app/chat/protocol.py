@@ -13,6 +13,10 @@ NICKNAME_RE = re.compile(r"^[\w .-]{1,32}$")
 
 CLIENT_TYPES = ("message", "history", "ping")
 
+# A post's idempotency key, chosen by the client (a UUID fits): 1-64 ASCII
+# letters, digits, "_" and "-".
+CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
 
 class ProtocolError(Exception):
     def __init__(self, code, detail):
@@ -20,8 +24,12 @@ class ProtocolError(Exception):
         self.code = code
         self.detail = detail
 
-    def as_frame(self):
-        return {"type": "error", "code": self.code, "detail": self.detail}
+    def as_frame(self, client_id=None):
+        """The error frame; with the client_id of the refused post, when it had a valid one."""
+        frame = {"type": "error", "code": self.code, "detail": self.detail}
+        if client_id is not None:
+            frame["client_id"] = client_id
+        return frame
 
 
 def parse_frame(text):
@@ -63,3 +71,21 @@ def clean_since(value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ProtocolError("invalid_since", "since must be an integer >= 0")
     return value
+
+
+def clean_client_id(value):
+    """A post's client_id: None when absent, else a string of CLIENT_ID_RE."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not CLIENT_ID_RE.fullmatch(value):
+        raise ProtocolError("invalid_client_id", "client_id must be 1-64 letters, digits, '_' or '-'")
+    return value
+
+
+def client_id_of(frame):
+    """The valid client_id of a message frame, to name it in an error frame; else None."""
+    if isinstance(frame, dict) and frame.get("type") == "message":
+        value = frame.get("client_id")
+        if isinstance(value, str) and CLIENT_ID_RE.fullmatch(value):
+            return value
+    return None

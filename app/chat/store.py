@@ -1,5 +1,7 @@
 """Storing and reading messages; synchronous, called from consumers through a thread."""
 
+import copy
+
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
@@ -7,50 +9,70 @@ from django.utils import timezone
 from .models import Message, Room
 
 
-def post_message(room_name, nickname, body):
-    """Store a message with the room's next seq and return it.
-
-    The UPDATE comes first: it takes the row lock on PostgreSQL (and the write
-    lock on SQLite, whose transactions start IMMEDIATE here), so a concurrent
-    poster waits and then increments the committed value. Reading last_seq
-    first and writing it back would hand two posters the same number.
-    """
-    Room.objects.get_or_create(name=room_name)
-    now = timezone.now()
-    with transaction.atomic():
-        Room.objects.filter(name=room_name).update(last_seq=F("last_seq") + 1, last_activity=now)
-        room = Room.objects.get(name=room_name)
-        return Message.objects.create(room=room, seq=room.last_seq, nickname=nickname, body=body)
+def post_message(room_name, nickname, body, client_id=None):
+    """Store a message with the room's next seq and return it (see post_messages)."""
+    return post_messages([(room_name, nickname, body, client_id)])[0]
 
 
 def post_messages(posts):
-    """Store several (room_name, nickname, body) posts in one transaction; return them in order.
+    """Store several (room_name, nickname, body[, client_id]) posts in one transaction.
+
+    Returns the messages in the order of the posts, each with `repeat`: True
+    when a message with that client_id was already stored in its room (a
+    client resending a post it got no answer for, or the same post twice in
+    one batch), in which case the stored message is returned and nothing new
+    is written.
 
     One transaction, one connection and one seq increment per room instead of
     one of each per message: under ASGI every database call also opens a new
     connection, so a busy room's posts queue behind each other otherwise.
-    Seqs are allocated as in post_message (UPDATE first), so single and
-    batched posters can run side by side.
+
+    The room's row is locked before anything is read (SELECT ... FOR UPDATE
+    on PostgreSQL; SQLite's transactions start IMMEDIATE here, which takes
+    the write lock), so a concurrent poster waits, then sees the committed
+    seq and client ids: reading them unlocked would hand two posters the same
+    seq, or store a resent post twice.
     """
+    posts = [tuple(post) + (None,) * (4 - len(post)) for post in posts]
     by_room = {}
-    for index, (room_name, nickname, body) in enumerate(posts):
-        by_room.setdefault(room_name, []).append((index, nickname, body))
+    for index, (room_name, nickname, body, client_id) in enumerate(posts):
+        by_room.setdefault(room_name, []).append((index, nickname, body, client_id))
     stored = [None] * len(posts)
     now = timezone.now()
     for room_name in by_room:
         Room.objects.get_or_create(name=room_name)
     with transaction.atomic():
         for room_name, entries in by_room.items():
-            Room.objects.filter(name=room_name).update(
-                last_seq=F("last_seq") + len(entries), last_activity=now
-            )
-            room = Room.objects.get(name=room_name)
-            first = room.last_seq - len(entries) + 1
-            messages = Message.objects.bulk_create(
-                Message(room=room, seq=first + offset, nickname=nickname, body=body)
-                for offset, (_, nickname, body) in enumerate(entries)
-            )
-            for (index, _, _), message in zip(entries, messages):
+            room = Room.objects.select_for_update().get(name=room_name)
+            ids = {client_id for *_, client_id in entries if client_id is not None}
+            known = {m.client_id: m for m in Message.objects.filter(room=room, client_id__in=ids)} if ids else {}
+            fresh, repeats, claimed = [], [], set()
+            for entry in entries:
+                client_id = entry[3]
+                if client_id is not None and (client_id in known or client_id in claimed):
+                    repeats.append(entry)
+                else:
+                    fresh.append(entry)
+                    if client_id is not None:
+                        claimed.add(client_id)
+            if fresh:
+                Room.objects.filter(pk=room.pk).update(last_seq=F("last_seq") + len(fresh), last_activity=now)
+                room.refresh_from_db(fields=["last_seq", "last_activity"])
+                first = room.last_seq - len(fresh) + 1
+                messages = Message.objects.bulk_create(
+                    Message(room=room, seq=first + offset, nickname=nickname, body=body, client_id=client_id)
+                    for offset, (_, nickname, body, client_id) in enumerate(fresh)
+                )
+                for (index, *_), message in zip(fresh, messages):
+                    message.repeat = False
+                    stored[index] = message
+                    if message.client_id is not None:
+                        known[message.client_id] = message
+            for index, *_, client_id in repeats:
+                # A copy: the same message may be returned as new for one post.
+                message = copy.copy(known[client_id])
+                message.room = room
+                message.repeat = True
                 stored[index] = message
     return stored
 

@@ -164,3 +164,18 @@ def join(connect):
         return communicator, frame["messages"]
 
     return _join
+
+
+async def receive_messages(communicator, count, timeout=5):
+    """Reads frames until `count` messages came, flattening batches; returns (messages, frames)."""
+    messages, frames = [], []
+    while len(messages) < count:
+        frame = await communicator.receive_json_from(timeout=timeout)
+        frames.append(frame)
+        if frame["type"] == "batch":
+            messages.extend(frame["messages"])
+        elif frame["type"] == "message":
+            messages.append(frame)
+        else:
+            raise AssertionError(f"unexpected frame {frame}")
+    return messages, frames

@@ -9,7 +9,7 @@ from channels.db import database_sync_to_async
 from chat import store
 from chat.models import Message
 
-from .conftest import HOST
+from .conftest import HOST, receive_messages
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -51,7 +51,7 @@ async def test_joining_sends_the_last_50_messages(join, room):
     _, history = await join(room)
     assert [m["seq"] for m in history] == list(range(11, 61))
     assert history[-1]["body"] == "m60"
-    assert set(history[0]) == {"type", "id", "seq", "room", "nickname", "body", "created"}
+    assert set(history[0]) == {"type", "id", "seq", "room", "nickname", "body", "created", "client_id"}
 
 
 async def test_history_since_answers_with_the_missing_messages(join, room):
@@ -118,6 +118,11 @@ async def test_body_is_stored_as_text(join, room):
         ('{"type": "history", "since": "3"}', "invalid_since"),
         ('{"type": "history", "since": 1.5}', "invalid_since"),
         ('{"type": "history", "since": true}', "invalid_since"),
+        ('{"type": "message", "nickname": "alice", "body": "hi", "client_id": ""}', "invalid_client_id"),
+        ('{"type": "message", "nickname": "alice", "body": "hi", "client_id": 7}', "invalid_client_id"),
+        ('{"type": "message", "nickname": "alice", "body": "hi", "client_id": "a b"}', "invalid_client_id"),
+        ('{"type": "message", "nickname": "alice", "body": "hi", "client_id": "' + "x" * 65 + '"}',
+         "invalid_client_id"),
     ],
 )
 async def test_bad_frame_gets_error_and_connection_stays_usable(join, room, frame, code):
@@ -296,3 +301,58 @@ async def test_frames_are_counted_per_connection(join, room, settings):
         for _ in range(2):
             await client.send_json_to({"type": "ping"})
             assert await client.receive_json_from(timeout=5) == {"type": "pong"}
+
+
+async def _post(communicator, body, client_id, nickname="alice"):
+    await communicator.send_json_to({"type": "message", "nickname": nickname, "body": body,
+                                     "client_id": client_id})
+
+
+async def test_a_repeated_client_id_gets_the_stored_message_back_not_a_second_copy(join, room):
+    alice, _ = await join(room)
+    bob, _ = await join(room)
+    await _post(alice, "once", "f47ac10b-58cc-4372-a567-0e02b2c3d479")
+    first = await alice.receive_json_from(timeout=5)
+    assert (first["seq"], first["client_id"]) == (1, "f47ac10b-58cc-4372-a567-0e02b2c3d479")
+    assert (await bob.receive_json_from(timeout=5))["seq"] == 1
+    # The same post again (a resend): the sender gets the stored message.
+    await _post(alice, "once", "f47ac10b-58cc-4372-a567-0e02b2c3d479")
+    again = await alice.receive_json_from(timeout=5)
+    assert again == first
+    assert await bob.receive_nothing(timeout=0.3)
+    # Posts without an id, or with another one, are stored as usual.
+    await send_message(alice, "once")
+    await _post(alice, "once", "another")
+    messages, _ = await receive_messages(alice, 2)
+    assert [m["seq"] for m in messages] == [2, 3]
+    stored = await database_sync_to_async(lambda: list(
+        Message.objects.filter(room__name=room).values_list("seq", "client_id")))()
+    assert stored == [(1, "f47ac10b-58cc-4372-a567-0e02b2c3d479"), (2, None), (3, "another")]
+
+
+async def test_a_post_stored_by_a_process_that_died_is_answered_and_reaches_the_room(join, room):
+    """The resend path: stored, but its process died before answering or publishing."""
+    bob, _ = await join(room)
+    # What the killed process left: the message in the database, nothing published.
+    await database_sync_to_async(store.post_message)(room, "alice", "in flight", "resend-1")
+    assert await bob.receive_nothing(timeout=0.3)
+    # The page reconnects and resends its unacknowledged post.
+    alice, history = await join(room)
+    assert history == []  # this process never heard of it
+    await _post(alice, "in flight", "resend-1")
+    # The answer, and the same message live (the room's live stream here).
+    answers, _ = await receive_messages(alice, 2)
+    assert [(m["seq"], m["body"], m["client_id"]) for m in answers] == [(1, "in flight", "resend-1")] * 2
+    # Handed out again: the others get it now, once.
+    live = await bob.receive_json_from(timeout=5)
+    assert (live["seq"], live["client_id"]) == (1, "resend-1")
+    assert await database_sync_to_async(Message.objects.filter(room__name=room).count)() == 1
+
+
+async def test_an_error_frame_names_the_refused_post(join, room, settings):
+    settings.CHAT_MAX_BODY_LENGTH = 5
+    alice, _ = await join(room)
+    await _post(alice, "too long", "post-7")
+    assert await alice.receive_json_from(timeout=5) == {
+        "type": "error", "code": "body_too_long", "detail": "body is longer than 5 characters",
+        "client_id": "post-7"}

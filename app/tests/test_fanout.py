@@ -8,6 +8,7 @@ from channels.db import database_sync_to_async
 
 from chat import fanout, store
 
+from .conftest import receive_messages
 from .test_consumers import send_message
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -16,21 +17,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 @database_sync_to_async
 def _post(room_name, body):
     return store.post_message(room_name, "bot", body).as_frame()
-
-
-async def receive_messages(communicator, count, timeout=5):
-    """Reads frames until `count` messages came, flattening batches; returns (messages, frames)."""
-    messages, frames = [], []
-    while len(messages) < count:
-        frame = await communicator.receive_json_from(timeout=timeout)
-        frames.append(frame)
-        if frame["type"] == "batch":
-            messages.extend(frame["messages"])
-        elif frame["type"] == "message":
-            messages.append(frame)
-        else:
-            raise AssertionError(f"unexpected frame {frame}")
-    return messages, frames
 
 
 async def test_messages_within_the_window_arrive_as_one_batch(join, room, monkeypatch):

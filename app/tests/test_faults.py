@@ -22,9 +22,9 @@ from chat import fanout, store
 from chat.models import Message
 from chatservice.logformat import FoldConnectionErrors
 
-from .conftest import free_port, layers_for, stop, wait_for_redis
+from .conftest import free_port, layers_for, receive_messages, stop, wait_for_redis
 from .test_consumers import send_message
-from .test_fanout import receive_messages
+
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -199,9 +199,10 @@ async def test_a_failed_write_gets_an_error_frame_and_the_socket_stays_open(join
         raise OperationalError("database is locked")
 
     monkeypatch.setattr(store, "post_messages", locked)
-    await send_message(alice, "refused")
+    await alice.send_json_to({"type": "message", "nickname": "alice", "body": "refused", "client_id": "p-1"})
     frame = await alice.receive_json_from(timeout=5)
-    assert frame["type"] == "error" and frame["code"] == "store_failed"
+    # The error names the post, so the page keeps exactly that one for the user.
+    assert (frame["type"], frame["code"], frame["client_id"]) == ("error", "store_failed", "p-1")
     assert await _stored(room) == []
     # Back by itself once the database answers.
     monkeypatch.setattr(store, "post_messages", real)

@@ -149,3 +149,51 @@ def test_batched_and_single_posters_side_by_side_never_share_a_seq():
     assert errors == []
     seqs = sorted(store.messages_since("mixed", 0, 1000), key=lambda m: m.seq)
     assert [m.seq for m in seqs] == list(range(1, 8 * 2 + 8 * 2 * 2 + 1))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_repeated_client_id_returns_the_stored_message():
+    first = store.post_message("alpha", "a", "hello", "id-1")
+    assert (first.seq, first.repeat) == (1, False)
+    stored = store.post_messages([("alpha", "a", "hello", "id-1"), ("alpha", "a", "new", "id-2"),
+                                  ("alpha", "a", "new", "id-2"), ("beta", "b", "hello", "id-1"),
+                                  ("alpha", "a", "no id")])
+    assert [(m.room.name, m.seq, m.repeat) for m in stored] == [
+        ("alpha", 1, True), ("alpha", 2, False), ("alpha", 2, True), ("beta", 1, False), ("alpha", 3, False)]
+    assert stored[0].as_frame() == first.as_frame()
+    assert Room.objects.get(name="alpha").last_seq == 3
+    assert Message.objects.filter(room__name="alpha").count() == 3
+
+
+@pytest.mark.django_db
+def test_client_id_is_unique_within_a_room_only_when_given():
+    room = Room.objects.create(name="alpha")
+    Message.objects.create(room=room, seq=1, nickname="a", body="x")
+    Message.objects.create(room=room, seq=2, nickname="a", body="x")
+    Message.objects.create(room=room, seq=3, nickname="a", body="x", client_id="k")
+    with pytest.raises(IntegrityError):
+        Message.objects.create(room=room, seq=4, nickname="a", body="x", client_id="k")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_resends_of_one_post_store_it_once():
+    errors, results = [], []
+    start = threading.Barrier(4)
+
+    def post():
+        try:
+            start.wait()
+            results.append(store.post_message("race", "w", "same", "one-post").seq)
+        except Exception as error:  # reported to the test thread below
+            errors.append(error)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=post) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert results == [1, 1, 1, 1]
+    assert Message.objects.filter(room__name="race").count() == 1

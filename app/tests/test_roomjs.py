@@ -73,3 +73,68 @@ def test_a_gap_is_asked_for_once_and_filled_in_order():
 def test_duplicates_are_shown_once():
     page = run_page([history(1, 2), message(2), {"type": "batch", "messages": [message(2), message(3)]}])
     assert page["rendered"] == ["m1", "m2", "m3"]
+
+
+def posted(body, client_id):
+    return {"type": "message", "nickname": "me", "body": body, "client_id": client_id}
+
+
+def echo(seq, body, client_id):
+    return {**message(seq), "nickname": "me", "body": body, "client_id": client_id}
+
+
+def test_a_post_carries_a_client_id_and_waits_in_the_outbox_until_it_comes_back():
+    page = run_page([history(1), {"page": "submit", "body": "hello"}])
+    assert page["sent"] == [posted("hello", "id-1")]
+    assert page["input"] == ""
+    assert page["outbox"] == ["me hello (sending…)"]
+
+    page = run_page([history(1), {"page": "submit", "body": "hello"}, echo(2, "hello", "id-1")])
+    assert page["outbox"] == []
+    assert page["rendered"] == ["m1", "hello"]
+
+
+def test_unanswered_posts_are_sent_again_with_their_ids_after_a_reconnect():
+    page = run_page([
+        history(1),
+        {"page": "submit", "body": "first"},
+        {"page": "submit", "body": "second"},
+        echo(2, "first", "id-1"),
+        {"page": "drop"},
+        {"page": "submit", "body": "typed while away"},
+        {"page": "reconnect"},
+    ])
+    # "second" got no answer before the drop; "typed while away" could not be sent.
+    assert page["sent"] == [
+        posted("first", "id-1"), posted("second", "id-2"),
+        {"type": "history", "since": 2},
+        posted("second", "id-2"), posted("typed while away", "id-3"),
+    ]
+    assert page["outbox"] == ["me second (sending…)", "me typed while away (sending…)"]
+
+
+def test_a_resent_post_the_server_had_stored_is_shown_once():
+    page = run_page([
+        history(1), {"page": "submit", "body": "in flight"}, {"page": "drop"}, {"page": "reconnect"},
+        # The server had stored it before the drop: history has it, and the
+        # resend is answered with the same message.
+        {"type": "history", "messages": [echo(2, "in flight", "id-1")]},
+        echo(2, "in flight", "id-1"), echo(2, "in flight", "id-1"),
+    ])
+    assert page["rendered"] == ["m1", "in flight"]
+    assert page["outbox"] == []
+
+
+def test_store_failed_gives_the_text_back_and_shows_the_error():
+    refused = {"type": "error", "code": "store_failed", "detail": "could not be stored", "client_id": "id-1"}
+    page = run_page([history(1), {"page": "submit", "body": "keep me"}, refused])
+    assert page["input"] == "keep me"
+    assert page["outbox"] == []
+    assert "could not be stored (store_failed)" in page["notice"]
+    assert page["rendered"] == ["m1"]
+
+    # Something newer typed meanwhile stays in the input; the refused post stays in view.
+    page = run_page([history(1), {"page": "submit", "body": "keep me"}, {"page": "type", "body": "newer"},
+                     refused])
+    assert page["input"] == "newer"
+    assert page["outbox"] == ["me keep me (not sent: store_failed)"]

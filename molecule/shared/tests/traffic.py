@@ -7,10 +7,19 @@ loop ends when the block ends or at `max_seconds`, whichever comes first.
 
 With `senders`, that many of the clients also post a message every
 `send_interval` seconds, one at a time (the next only once the last was
-answered by its echo or an error frame, or after `ANSWER_TIMEOUT`). Every
-client keeps the `seq`s it has seen and fills gaps from `history` as the page
-does (after a reconnect, and on a hole); when the block ends, each client that
-is still connected catches up once more, then the counts say what each saw.
+answered by its echo or an error frame naming it, or after `ANSWER_TIMEOUT`).
+Like the page, each post carries a `client_id`, and a post whose socket
+closed before its answer is sent again, unchanged, after the reconnect (the
+server answers a post it had stored with that message). Every client keeps
+the `seq`s it has seen and fills gaps from `history` as the page does (after
+a reconnect, and on a hole).
+
+When the block ends, the clients stop posting and wait for the answers to
+their last posts (reconnecting and resending if need be); only once every
+sender's last post is answered (stored or refused) does each client catch up
+from history one last time. A post that waited for the database (a lock) can
+be stored seconds after it was sent: catching up before it was answered would
+miss it. Then the counts say what each client saw.
 """
 
 import asyncio
@@ -58,14 +67,17 @@ class Counts:
     reconnects: list = field(default_factory=list)
     ws_failed_handshakes: list = field(default_factory=list)
     # Posting (with senders): bodies answered by their echo, refused by an
-    # error frame (code), left without an answer when their socket closed,
-    # and left without any answer on an open socket (a loss).
+    # error frame naming them (code), sent again after their socket closed
+    # before an answer (each also ends acknowledged or refused), and left
+    # without any answer (a loss).
     acknowledged: list = field(default_factory=list)
     refused: list = field(default_factory=list)
-    dropped_in_flight: list = field(default_factory=list)
+    resent: list = field(default_factory=list)
     silent: list = field(default_factory=list)
-    # Per client, what it saw once it caught up at the end (None: it was
-    # not connected then).
+    # Answers that came after the block ended (posts that were still waiting).
+    late_answers: int = 0
+    # Per client, what it saw once it caught up at the end (None: it could
+    # not, by the end of the block's time).
     seen: list = field(default_factory=list)
     # Close codes of handshakes that were accepted and closed at once (1013).
     closed_on_join: list = field(default_factory=list)
@@ -75,6 +87,9 @@ class Traffic:
     # The defaults stay inside Nginx's per-address limits (the clients all
     # come from one address): 4 x 4 requests/s against 20/s for pages, and
     # sockets opened at 8/s against 10 handshakes/s.
+    # Seconds the end may take beyond the last answers: reconnects and catching up.
+    END_GRACE = 30
+
     def __init__(self, edge, room, http_clients=4, http_interval=0.25, sockets=50,
                  max_seconds=600, path="/healthz", opens_per_second=8, senders=0,
                  send_interval=1.0, wait_open=True, http_timeout=10):
@@ -95,6 +110,12 @@ class Traffic:
         self._threads = []
         self._ready = threading.Event()
         self._open = 0
+        # The end: clients whose last post is answered, the event every
+        # client waits for before its last catch-up (made in the room's
+        # loop), and when the clients give up (set with _stop).
+        self._answered = 0
+        self._all_answered = None
+        self._end_by = float("inf")
 
     # --- HTTP ---
     def _poll(self):
@@ -116,7 +137,7 @@ class Traffic:
 
     # --- WebSockets ---
     def _take(self, seen, frame, pending):
-        """Records a frame; returns (answer for the pending post or None, whether a gap is open)."""
+        """Records a frame; returns (answer for the post whose client_id is pending, or None; whether a gap is open)."""
         kind = frame.get("type")
         messages = []
         if kind in ("message", "history"):
@@ -126,9 +147,9 @@ class Traffic:
         seen.add(messages)
         answer = None
         if pending is not None:
-            if any(m["body"] == pending for m in messages):
+            if any(m.get("client_id") == pending for m in messages):
                 answer = "ack"
-            elif kind == "error":
+            elif kind == "error" and frame.get("client_id") == pending:
                 answer = frame["code"]
         gap = kind == "behind" or (messages and max(m["seq"] for m in messages) > seen.contiguous())
         return answer, gap
@@ -136,6 +157,8 @@ class Traffic:
     def _record_answer(self, body, answer):
         """Counts the server's answer to one post: "ack", or the error code that refused it."""
         with self._lock:
+            if self._stop.is_set():
+                self.counts.late_answers += 1
             if answer == "ack":
                 self.counts.acknowledged.append(body)
             else:
@@ -154,53 +177,88 @@ class Traffic:
             if len(frame["messages"]) < HISTORY_PAGE:
                 return
 
+    def _post_answered(self, finished):
+        """Counts a client as done posting (once); the last one lets every client catch up."""
+        if not finished:
+            self._answered += 1
+            if self._answered == self.sockets:
+                self._all_answered.set()
+        return True
+
     async def _client(self, index, deadline, start_after):
         url = f"{self.edge.ws_base}/ws/chat/{self.room}/"
         seen = self._seen[index]
         sender = index < self.senders
         posted = 0
-        pending = None  # (body, sent at) of the post waiting for its answer
+        # The post waiting for its answer: {"body", "client_id", "sent"} (when last sent).
+        pending = None
+        finished = False  # stopped posting, and the last post was answered
         await asyncio.sleep(start_after)
         closed = None  # (close code, when) of the last drop, until the next open
         first = True
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            in_room = False
-            try:
-                tls = self.edge.ssl if url.startswith("wss:") else None
-                async with connect(url, origin=self.edge.origin, open_timeout=10, ssl=tls) as ws:
-                    joined = json.loads(await asyncio.wait_for(ws.recv(), 10))  # the history frame
-                    in_room = True
-                    if closed is not None:
-                        with self._lock:
-                            self.counts.reconnects.append((closed[0], time.monotonic() - closed[1]))
-                        closed = None
-                    self._take(seen, joined, None)
-                    if first:
-                        with self._lock:
-                            self._open += 1
-                            if self._open == self.sockets:
-                                self._ready.set()
-                    asking = False  # a history request is on its way
-                    if not first and seen.seqs:
-                        # As the page does after a reconnect.
-                        asking = True
-                        await ws.send(json.dumps({"type": "history", "since": seen.contiguous()}))
-                    first = False
-                    next_post = time.monotonic() + random.random() * self.send_interval
-                    while not self._stop.is_set() and time.monotonic() < deadline:
-                        now = time.monotonic()
-                        if sender and pending is None and now >= next_post:
-                            posted += 1
-                            pending = (f"{self.tag} {index}-{posted}", now)
-                            await ws.send(json.dumps({"type": "message", "nickname": f"client{index}",
-                                                      "body": pending[0]}))
-                        try:
-                            frame = json.loads(await asyncio.wait_for(ws.recv(), 0.25))
-                        except TimeoutError:
-                            frame = None
-                        if frame is not None:
+        try:
+            while time.monotonic() < min(deadline, self._end_by):
+                if first and self._stop.is_set():
+                    break  # never opened before the end: not part of the room
+                in_room = False
+                try:
+                    tls = self.edge.ssl if url.startswith("wss:") else None
+                    async with connect(url, origin=self.edge.origin, open_timeout=10, ssl=tls) as ws:
+                        joined = json.loads(await asyncio.wait_for(ws.recv(), 10))  # the history frame
+                        in_room = True
+                        if closed is not None:
+                            with self._lock:
+                                self.counts.reconnects.append((closed[0], time.monotonic() - closed[1]))
+                            closed = None
+                        answer, _ = self._take(seen, joined, pending and pending["client_id"])
+                        if first:
+                            with self._lock:
+                                self._open += 1
+                                if self._open == self.sockets:
+                                    self._ready.set()
+                        asking = False  # a history request is on its way
+                        if not first and seen.seqs:
+                            # As the page does after a reconnect.
+                            asking = True
+                            await ws.send(json.dumps({"type": "history", "since": seen.contiguous()}))
+                        first = False
+                        if pending is not None and answer is None:
+                            # As the page does with its outbox: the same post, the same client_id.
+                            pending["sent"] = time.monotonic()
+                            await ws.send(json.dumps(pending["frame"]))
+                        next_post = time.monotonic() + random.random() * self.send_interval
+                        while time.monotonic() < min(deadline, self._end_by):
+                            now = time.monotonic()
+                            if answer is not None:
+                                self._record_answer(pending["body"], answer)
+                                pending, answer, next_post = None, None, now + self.send_interval
+                            if pending is not None and now - pending["sent"] > ANSWER_TIMEOUT:
+                                with self._lock:
+                                    self.counts.silent.append(pending["body"])
+                                pending, next_post = None, now + self.send_interval
+                            stopping = self._stop.is_set()
+                            if sender and not stopping and pending is None and now >= next_post:
+                                posted += 1
+                                body = f"{self.tag} {index}-{posted}"
+                                pending = {"body": body, "client_id": f"{self.tag}-{index}-{posted}", "sent": now}
+                                pending["frame"] = {"type": "message", "nickname": f"client{index}", "body": body,
+                                                    "client_id": pending["client_id"]}
+                                await ws.send(json.dumps(pending["frame"]))
+                            if stopping and pending is None:
+                                finished = self._post_answered(finished)
+                            if finished and self._all_answered.is_set():
+                                # Every sender's last post is answered: nothing
+                                # is stored after this catch-up.
+                                await self._catch_up(ws, seen)
+                                with self._lock:
+                                    self.counts.seen.append(seen)
+                                return
+                            try:
+                                frame = json.loads(await asyncio.wait_for(ws.recv(), 0.25))
+                            except TimeoutError:
+                                continue
                             before = seen.contiguous()
-                            answer, gap = self._take(seen, frame, pending and pending[0])
+                            answer, gap = self._take(seen, frame, pending and pending["client_id"])
                             if frame.get("type") == "history":
                                 # Pages are capped: ask on only while they make progress.
                                 asking = False
@@ -208,50 +266,32 @@ class Traffic:
                             if gap and not asking:
                                 asking = True
                                 await ws.send(json.dumps({"type": "history", "since": seen.contiguous()}))
-                            if answer is not None:
-                                self._record_answer(pending[0], answer)
-                                pending, next_post = None, time.monotonic() + self.send_interval
-                        if pending is not None and time.monotonic() - pending[1] > ANSWER_TIMEOUT:
-                            with self._lock:
-                                self.counts.silent.append(pending[0])
-                            pending, next_post = None, time.monotonic() + self.send_interval
-                    # The end: wait for the last answer, then fill what is missing.
-                    answer_by = time.monotonic() + (ANSWER_TIMEOUT if pending else 0)
-                    while pending is not None and time.monotonic() < answer_by:
-                        try:
-                            frame = json.loads(await asyncio.wait_for(ws.recv(), 0.5))
-                        except TimeoutError:
-                            continue
-                        answer, _ = self._take(seen, frame, pending[0])
-                        if answer is not None:
-                            self._record_answer(pending[0], answer)
-                            pending = None
-                    if pending is not None:
+                except ConnectionClosed as error:
+                    code = error.rcvd.code if error.rcvd else 1006
+                    if not in_room:
                         with self._lock:
-                            self.counts.silent.append(pending[0])
-                    await self._catch_up(ws, seen)
+                            self.counts.closed_on_join.append(code)
+                    closed = closed or (code, time.monotonic())
+                except Exception as error:  # a refused or failed handshake
                     with self._lock:
-                        self.counts.seen.append(seen)
-                    return
-            except ConnectionClosed as error:
-                code = error.rcvd.code if error.rcvd else 1006
-                if not in_room:
+                        self.counts.ws_failed_handshakes.append(repr(error)[:200])
+                    closed = closed or ("handshake", time.monotonic())
+                if pending is not None and pending["body"] not in self.counts.resent:
+                    # The socket closed under a post: the server may or may not
+                    # have it. It goes again after the reconnect.
                     with self._lock:
-                        self.counts.closed_on_join.append(code)
-                closed = closed or (code, time.monotonic())
-            except Exception as error:  # a refused or failed handshake
-                with self._lock:
-                    self.counts.ws_failed_handshakes.append(repr(error)[:200])
-                closed = closed or ("handshake", time.monotonic())
+                        self.counts.resent.append(pending["body"])
+                # The page's first retry: half to all of 500 ms.
+                await asyncio.sleep(0.25 + random.random() * 0.25)
+            # Out of time before the end was reached.
             if pending is not None:
-                # The socket closed under a post: the server may or may not have it.
                 with self._lock:
-                    self.counts.dropped_in_flight.append(pending[0])
-                pending = None
-            # The page's first retry: half to all of 500 ms.
-            await asyncio.sleep(0.25 + random.random() * 0.25)
-        with self._lock:
-            self.counts.seen.append(None)
+                    self.counts.silent.append(pending["body"])
+            with self._lock:
+                self.counts.seen.append(None)
+        finally:
+            # Never keep the others waiting for a client that gave up.
+            self._post_answered(finished)
 
     def wait_seen_by_all(self, seq, timeout):
         """Seconds until every client has seen seq (in order, no hole below it); raises on timeout."""
@@ -265,6 +305,7 @@ class Traffic:
 
     def _room(self):
         async def run():
+            self._all_answered = asyncio.Event()
             deadline = time.monotonic() + self.max_seconds
             await asyncio.gather(*(self._client(n, deadline, n / self.opens_per_second)
                                    for n in range(self.sockets)))
@@ -284,9 +325,11 @@ class Traffic:
         return self.counts
 
     def __exit__(self, *exc):
-        # A last moment of traffic after the change, then stop.
+        # A last moment of traffic after the change, then stop: the last
+        # answers may take ANSWER_TIMEOUT, the reconnects and catching up more.
         time.sleep(1)
+        self._end_by = time.monotonic() + ANSWER_TIMEOUT + self.END_GRACE
         self._stop.set()
         for thread in self._threads:
-            thread.join(timeout=30)
+            thread.join(timeout=ANSWER_TIMEOUT + self.END_GRACE + 15)
         return False

@@ -9,6 +9,7 @@
   var bodyInput = document.getElementById("body");
   var statusLabel = document.getElementById("status");
   var notice = document.getElementById("notice");
+  var outboxList = document.getElementById("outbox");
 
   var NICKNAME_KEY = "chat.nickname";
   var CLOSE_NOT_FOUND = 4004;
@@ -26,6 +27,13 @@
   // After a "behind" frame: the server skipped messages up to this seq, which
   // must come from history before anything newer is shown.
   var catchUpTo = 0;
+  // Posts sent (or waiting to be) that the server has not answered yet, by
+  // client_id, in the order they were typed. A post leaves it when its
+  // message comes back (live or in history) or an error frame names it; after
+  // a reconnect every one is sent again with the same client_id, and the
+  // server answers a post it already stored with that message instead of a
+  // second copy. So nothing typed is lost, even when a server dies in between.
+  var outbox = new Map();
 
   nicknameInput.value = localStorage.getItem(NICKNAME_KEY) || "";
   nicknameInput.addEventListener("change", function () {
@@ -54,6 +62,47 @@
     return false;
   }
 
+  function newClientId() {
+    if (crypto && crypto.randomUUID) return crypto.randomUUID();
+    // Older browsers: 128 random bits, as hex.
+    var bytes = new Uint8Array(16);
+    crypto.getRandomValues(bytes);
+    return Array.prototype.map.call(bytes, function (b) { return (b + 256).toString(16).slice(1); }).join("");
+  }
+
+  function postFrame(post) {
+    return { type: "message", nickname: post.nickname, body: post.body, client_id: post.clientId };
+  }
+
+  function queuePost(nickname, body) {
+    var post = { clientId: newClientId(), nickname: nickname, body: body, item: document.createElement("li") };
+    post.item.className = "pending";
+    post.item.textContent = nickname + " " + body + " (sending…)";
+    outboxList.appendChild(post.item);
+    outbox.set(post.clientId, post);
+    return send(postFrame(post));
+  }
+
+  function unqueue(post) {
+    outbox.delete(post.clientId);
+    post.item.remove();
+  }
+
+  // The server refused this post (an error frame names it): it is not
+  // stored. The text goes back into the input so it can be sent again; if
+  // the input holds something newer, the post stays in view, marked.
+  function refused(post, frame) {
+    outbox.delete(post.clientId);
+    if (bodyInput.value === "") {
+      bodyInput.value = post.body;
+      post.item.remove();
+    } else {
+      post.item.className = "failed";
+      post.item.textContent = post.nickname + " " + post.body + " (not sent: " + frame.code + ")";
+    }
+    showNotice("Your message was not sent: " + frame.detail + " (" + frame.code + ")");
+  }
+
   function requestSince(seq) {
     send({ type: "history", since: seq });
   }
@@ -78,6 +127,8 @@
 
   // Returns true when a gap (a missing seq) is still open.
   function accept(message) {
+    var post = message.client_id ? outbox.get(message.client_id) : undefined;
+    if (post) unqueue(post);
     if (lastSeq === 0 && list.childElementCount === 0) {
       // First message this page sees: older history is not wanted.
       lastSeq = message.seq - 1;
@@ -136,7 +187,9 @@
     } else if (frame.type === "history") {
       onHistory(frame.messages);
     } else if (frame.type === "error") {
-      showNotice(frame.detail + " (" + frame.code + ")");
+      var post = frame.client_id ? outbox.get(frame.client_id) : undefined;
+      if (post) refused(post, frame);
+      else showNotice(frame.detail + " (" + frame.code + ")");
       if (frame.code === "rate_limited" && missing()) {
         setTimeout(function () { requestSince(lastSeq); }, 1000);
       }
@@ -161,6 +214,9 @@
       showNotice("");
       // After a reconnect, fetch whatever was posted while we were away.
       if (lastSeq > 0) requestSince(lastSeq);
+      // Posts not answered before the drop: the server may or may not have
+      // stored them; their client_id makes sending them again safe.
+      outbox.forEach(function (post) { send(postFrame(post)); });
       pingTimer = setInterval(function () { send({ type: "ping" }); }, PING_INTERVAL_MS);
     });
     socket.addEventListener("message", onFrame);
@@ -179,13 +235,9 @@
     event.preventDefault();
     var nickname = nicknameInput.value.trim();
     localStorage.setItem(NICKNAME_KEY, nickname);
-    var sent = send({ type: "message", nickname: nickname, body: bodyInput.value });
-    if (sent) {
-      bodyInput.value = "";
-      showNotice("");
-    } else {
-      showNotice("Not connected; your message was not sent.");
-    }
+    var sent = queuePost(nickname, bodyInput.value);
+    bodyInput.value = "";
+    showNotice(sent ? "" : "Not connected; your message is sent once the connection is back.");
     bodyInput.focus();
   });
 

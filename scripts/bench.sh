@@ -177,16 +177,7 @@ deploy() {
   "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" down "$BENCH_HOST"
   rm -f "$REPO_ROOT/.cache/facts/"*"_chat-bench"
   CHAT_HOST_SUITE=bookworm "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" up "$BENCH_HOST" "$BENCH_PORT" "$BENCH_TLS_PORT"
-  # Deploy with every CPU; measure with the server side on its own set.
-  docker update --cpuset-cpus "0-$(($(nproc) - 1))" "$BENCH_HOST" >/dev/null
-  local deploy=(ansible-playbook site.yml -i inventories/bench)
-  if [ -n "${CHAT_BENCH_PROFILE:-}" ]; then
-    deploy+=(-e "@bench/profiles/$CHAT_BENCH_PROFILE.yml")
-  fi
-  log "deploying with: ${deploy[*]}"
-  printf 'deploy\t%s\n' "${deploy[*]}" >>"$RESULTS/commands.txt"
-  (cd "$REPO_ROOT" && "${deploy[@]}") >"$RESULTS/deploy.log" \
-    || { tail -40 "$RESULTS/deploy.log" >&2; die "the deploy failed: $RESULTS/deploy.log"; }
+  site_run deploy "the deploy"
   add_ceiling_server
   if [ -n "${CHAT_BENCH_PROFILE:-}" ] && [ -f "$REPO_ROOT/bench/profiles/$CHAT_BENCH_PROFILE.sh" ]; then
     log "applying bench/profiles/$CHAT_BENCH_PROFILE.sh on the host"
@@ -195,19 +186,25 @@ deploy() {
   fi
 }
 
-# Moves the deployed host to another layout with the same site.yml (the way
-# an operator does), with every CPU, as the deploy had.
-move_to_layout() {
-  local layout="$1"
+# site.yml on the benchmark host, the way an operator runs it, with every
+# CPU (the server side gets its own set only while it is measured) and the
+# profile's settings on top. key names the command in commands.txt.
+site_run() {
+  local key="$1" what="$2"; shift 2
   docker update --cpuset-cpus "0-$(($(nproc) - 1))" "$BENCH_HOST" >/dev/null
-  local move=(ansible-playbook site.yml -i inventories/bench -e "chat_layout=$layout")
+  local cmd=(ansible-playbook site.yml -i inventories/bench "$@")
   if [ -n "${CHAT_BENCH_PROFILE:-}" ]; then
-    move+=(-e "@bench/profiles/$CHAT_BENCH_PROFILE.yml")
+    cmd+=(-e "@bench/profiles/$CHAT_BENCH_PROFILE.yml")
   fi
-  log "moving to the $layout layout: ${move[*]}"
-  printf 'layout\t%s\n' "${move[*]}" >>"$RESULTS/commands.txt"
-  (cd "$REPO_ROOT" && "${move[@]}") >"$RESULTS/deploy.log" \
-    || { tail -40 "$RESULTS/deploy.log" >&2; die "the move to $layout failed: $RESULTS/deploy.log"; }
+  log "$what: ${cmd[*]}"
+  printf '%s\t%s\n' "$key" "${cmd[*]}" >>"$RESULTS/commands.txt"
+  (cd "$REPO_ROOT" && "${cmd[@]}") >>"$RESULTS/deploy.log" \
+    || { tail -40 "$RESULTS/deploy.log" >&2; die "$what failed: $RESULTS/deploy.log"; }
+}
+
+# Moves the deployed host to another layout with the same site.yml.
+move_to_layout() {
+  site_run layout "the move to the $1 layout" -e "chat_layout=$1"
 }
 
 # The resident memory of the app's server units at rest (no client), and

@@ -93,6 +93,16 @@ def test_a_loopback_private_address_is_refused(tmp_path):
     assert_refused_before_any_change(rc, output, "Not an IP address other than loopback: other")
 
 
+def test_an_app_host_the_web_host_cannot_reach_is_refused(tmp_path):
+    """192.0.2.7 (TEST-NET-1) never answers: the web host is told before any change."""
+    inventory = write_inventory(tmp_path, ["web", "redis"])
+    (tmp_path / "hosts.yml").write_text(
+        (tmp_path / "hosts.yml").read_text()
+        + "    app:\n      hosts:\n        other:\n          chat_private_address: 192.0.2.7\n")
+    rc, output = run_site(inventory)
+    assert_refused_before_any_change(rc, output, "got no answer on the private network from 192.0.2.7")
+
+
 @pytest.mark.parametrize(("variable", "value"), [
     ("chat_secret_key", "short"),
     ("chat_secret_key", "k" * 49),  # Django's check --deploy wants 50+

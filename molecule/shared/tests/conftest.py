@@ -275,6 +275,19 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(line)
 
 
+def on_one_release(variable, default, what):
+    """A pytestmark for checks that take minutes: they run in the default
+    scenario on one Debian release only (variable, an environment variable,
+    chooses it; the checks of the other release's run cover the rest)."""
+    scenario = os.path.basename(os.environ.get("MOLECULE_SCENARIO_DIRECTORY", ""))
+    wanted = os.environ.get(variable, default)
+    suite = os.environ.get("CHAT_HOST_SUITE", "bookworm")
+    return pytest.mark.skipif(
+        scenario != "default" or suite != wanted,
+        reason=f"SKIPPED: {what} run in the default scenario on {wanted} only "
+               f"(this is {scenario} on {suite}; {variable} chooses)")
+
+
 def playbook_command(playbook, *args):
     return ["ansible-playbook", os.path.join(REPO, playbook), "-i", INVENTORY, *args]
 

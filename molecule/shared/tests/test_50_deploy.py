@@ -1,7 +1,10 @@
 """Zero-downtime releases: deploys under live traffic, the health gate, rollback, the lock.
 
 The tests run in order and build on each other: the host starts on the
-release of the converge, with no previous release to roll back to.
+release of the converge, with no previous release to roll back to. They take
+minutes, so they run on one Debian release (CHAT_RELEASE_SUITE, default
+bookworm); on the other, the layout moves (test_55_layouts.py) deploy and roll
+back under load with the same playbooks.
 """
 
 import subprocess
@@ -10,11 +13,13 @@ import uuid
 
 import pytest
 
-from conftest import REPO, app_copy, playbook_command, playbook_env, report, run_playbook
+from conftest import REPO, app_copy, on_one_release, playbook_command, playbook_env, report, run_playbook
 from traffic import Traffic
 
 CLOSE_SERVICE_RESTART = 1012
 ROOT = "/srv/chat"
+
+pytestmark = on_one_release("CHAT_RELEASE_SUITE", "bookworm", "the release checks")
 
 
 def live_release(edge):

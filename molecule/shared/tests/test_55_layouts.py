@@ -16,25 +16,18 @@ default trixie: the uvicorn layout on Python 3.13 there; the app's own tests
 run uvicorn's workers on 3.11 and 3.13), in the default scenario.
 """
 
-import os
 import uuid
 
 import pytest
 
-from conftest import app_copy, report, run_playbook
+from conftest import app_copy, on_one_release, report, run_playbook
 from test_50_deploy import assert_gentle_reconnects, assert_no_failed_request, live_release
 from traffic import Traffic
 
 ROOT = "/srv/chat"
-SCENARIO = os.path.basename(os.environ.get("MOLECULE_SCENARIO_DIRECTORY", ""))
-LAYOUT_SUITE = os.environ.get("CHAT_LAYOUT_SUITE", "trixie")
-HOST_SUITE = os.environ.get("CHAT_HOST_SUITE", "bookworm")
 RECONNECT_WITHIN = 5
 
-pytestmark = pytest.mark.skipif(
-    SCENARIO != "default" or HOST_SUITE != LAYOUT_SUITE,
-    reason=f"SKIPPED: the layout moves run in the default scenario on {LAYOUT_SUITE} only "
-           f"(this is {SCENARIO} on {HOST_SUITE}; CHAT_LAYOUT_SUITE chooses)")
+pytestmark = on_one_release("CHAT_LAYOUT_SUITE", "trixie", "the layout moves")
 
 # Which server each kind of request reaches, per layout, as /healthz and
 # /ws/health/ name it.

@@ -332,29 +332,6 @@ def test_a_third_app_host_joins_a_running_cluster_without_a_failed_request(lb, e
         time.sleep(1)
 
 
-def test_an_app_host_taken_out_of_the_inventory_leaves_rotation_without_a_failed_request(edge):
-    """After the join above: site.yml with the scenario's own inventory (app3 no longer in it)."""
-    spare_file = os.path.join(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"], "spare-instance.yml")
-    if not os.path.exists(spare_file):
-        pytest.skip("SKIPPED: the scenario made no spare app host")
-    (spare,) = yaml.safe_load(open(spare_file))
-    room = new_room("leave")
-    with Traffic(edge, room, http_clients=4, sockets=20, senders=2, max_seconds=900) as counts:
-        result = run_playbook("site.yml")
-    assert result.returncode == 0, result.stdout[-5000:]
-    requests = counts.http_ok + len(counts.http_failed)
-    report(f"app host {spare['instance']} taken out in {result.seconds:.0f} s (site.yml) under load: "
-           f"{requests} HTTP requests, {len(counts.http_failed)} failed; "
-           f"{len(counts.ws_failed_handshakes)} WebSocket handshakes failed")
-    assert counts.http_failed == [], counts.http_failed[:5]
-    assert counts.ws_failed_handshakes == [], counts.ws_failed_handshakes[:5]
-    assert counts.silent == [], counts.silent[:5]
-    # Its servers still run, but the web host no longer sends them anything.
-    http, ws = host_names(edge, 12)
-    assert spare["instance"] not in set(http + ws), (http, ws)
-    assert set(http) == set(APP_HOSTS), http
-
-
 def test_a_new_handshake_to_a_foreign_origin_is_still_refused_on_every_host(edge):
     """The control for the checks above: the edge still judges every handshake."""
     with pytest.raises(InvalidStatus):

@@ -134,7 +134,10 @@ def test_postgresql_gets_a_connection_pool_per_process(interface):
     assert (database["HOST"], database["PORT"], database["NAME"], database["USER"]) == (
         "db.internal", 5432, "chat", "chat")
     assert database["CONN_MAX_AGE"] == 0
-    assert database["OPTIONS"]["pool"] == {"min_size": 1, "max_size": 6, "timeout": 10}
+    # The pool checks a connection before lending it (one that died with a
+    # PostgreSQL restart is replaced).
+    assert database["CONN_HEALTH_CHECKS"] is True
+    assert database["OPTIONS"]["pool"] == {"min_size": 1, "max_size": 6, "timeout": 3.0}
 
 
 def test_https_settings_default_off_and_come_from_the_environment():

@@ -60,6 +60,13 @@ def write_inventory(tmp_path, groups, extra_vars="", certificate_source="self_si
     return tmp_path
 
 
+def add_app_host(tmp_path, address):
+    """Another host, alone in group app, at chat_private_address address: a layout of hosts apart."""
+    (tmp_path / "hosts.yml").write_text(
+        (tmp_path / "hosts.yml").read_text()
+        + f"    app:\n      hosts:\n        other:\n          chat_private_address: {address}\n")
+
+
 @pytest.mark.parametrize("environment", ["staging", "production"])
 def test_environment_without_vault_stops_before_any_host(environment):
     vault = REPO / "inventories" / environment / "group_vars" / "all" / "vault.yml"
@@ -86,9 +93,7 @@ def test_hosts_sharing_a_private_address_are_refused(tmp_path):
 
 def test_a_loopback_private_address_is_refused(tmp_path):
     inventory = write_inventory(tmp_path, ["web", "redis"])
-    (tmp_path / "hosts.yml").write_text(
-        (tmp_path / "hosts.yml").read_text()
-        + "    app:\n      hosts:\n        other:\n          chat_private_address: 127.0.0.2\n")
+    add_app_host(tmp_path, "127.0.0.2")
     rc, output = run_site(inventory)
     assert_refused_before_any_change(rc, output, "Not an IP address other than loopback: other")
 
@@ -96,9 +101,7 @@ def test_a_loopback_private_address_is_refused(tmp_path):
 def test_an_app_host_the_web_host_cannot_reach_is_refused(tmp_path):
     """192.0.2.7 (TEST-NET-1) never answers: the web host is told before any change."""
     inventory = write_inventory(tmp_path, ["web", "redis"])
-    (tmp_path / "hosts.yml").write_text(
-        (tmp_path / "hosts.yml").read_text()
-        + "    app:\n      hosts:\n        other:\n          chat_private_address: 192.0.2.7\n")
+    add_app_host(tmp_path, "192.0.2.7")
     rc, output = run_site(inventory)
     assert_refused_before_any_change(rc, output, "got no answer on the private network from 192.0.2.7")
 
@@ -205,9 +208,7 @@ def test_unknown_layout_is_refused(tmp_path, layout):
 @pytest.mark.parametrize("layout", ["daphne", "uvicorn"])
 def test_a_layout_other_than_split_is_refused_on_hosts_apart(tmp_path, layout):
     inventory = write_inventory(tmp_path, ["web", "redis"], f"chat_layout: {layout}\n")
-    (tmp_path / "hosts.yml").write_text(
-        (tmp_path / "hosts.yml").read_text()
-        + "    app:\n      hosts:\n        other:\n          chat_private_address: 192.0.2.7\n")
+    add_app_host(tmp_path, "192.0.2.7")
     rc, output = run_site(inventory)
     assert_refused_before_any_change(rc, output, "supported only on one host", "leave chat_layout unset")
 

@@ -165,17 +165,24 @@ def test_websocket_health_names_the_server(servers, server):
     assert close_code == 1000
 
 
-def test_two_clients_chat_through_daphne(servers):
+def exchange(servers, room, server_a, server_b, sender, body):
+    """alice joins room on server_a, bob on server_b; sender ("alice" or
+    "bob") posts body. What each then receives, after their history."""
     async def scenario():
-        url = ws_url(servers, "/ws/chat/servers-test/")
-        async with ws_connect(url, origin=origin(servers)) as alice, \
-                ws_connect(url, origin=origin(servers)) as bob:
+        path = f"/ws/chat/{room}/"
+        async with ws_connect(ws_url(servers, path, server_a), origin=origin(servers, server_a)) as alice, \
+                ws_connect(ws_url(servers, path, server_b), origin=origin(servers, server_b)) as bob:
             for ws in (alice, bob):
                 assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "history"
-            await alice.send(json.dumps({"type": "message", "nickname": "alice", "body": "hi bob"}))
+            await {"alice": alice, "bob": bob}[sender].send(
+                json.dumps({"type": "message", "nickname": sender, "body": body}))
             return [json.loads(await asyncio.wait_for(ws.recv(), 5)) for ws in (alice, bob)]
 
-    to_alice, to_bob = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_two_clients_chat_through_daphne(servers):
+    to_alice, to_bob = exchange(servers, "servers-test", "daphne", "daphne", "alice", "hi bob")
     assert to_alice == to_bob
     assert (to_bob["type"], to_bob["nickname"], to_bob["body"], to_bob["seq"]) == (
         "message", "alice", "hi bob", 1,
@@ -207,16 +214,7 @@ def test_daphne_closes_invalid_room_with_4004(servers):
 
 def test_a_room_spans_daphne_and_uvicorn(servers):
     """Both ASGI servers share the channel layer: a move between layouts keeps rooms whole."""
-    async def scenario():
-        async with ws_connect(ws_url(servers, "/ws/chat/across-servers/"), origin=origin(servers)) as alice, \
-                ws_connect(ws_url(servers, "/ws/chat/across-servers/", "uvicorn"),
-                           origin=origin(servers, "uvicorn")) as bob:
-            for ws in (alice, bob):
-                assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "history"
-            await bob.send(json.dumps({"type": "message", "nickname": "bob", "body": "from uvicorn"}))
-            return [json.loads(await asyncio.wait_for(ws.recv(), 5)) for ws in (alice, bob)]
-
-    to_alice, to_bob = asyncio.run(scenario())
+    to_alice, to_bob = exchange(servers, "across-servers", "daphne", "uvicorn", "bob", "from uvicorn")
     assert to_alice == to_bob
     assert (to_alice["nickname"], to_alice["body"]) == ("bob", "from uvicorn")
 

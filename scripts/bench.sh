@@ -210,6 +210,18 @@ move_to_layout() {
   site_run layout "the move to the $1 layout" -e "chat_layout=$1"
 }
 
+# Fresh server processes for each layout: a move keeps the Daphne instances
+# that served the layout before (from split to daphne), and Python keeps the
+# memory the previous layout's sockets took. Then the site must answer again.
+# The single quotes are meant: those expansions happen inside the host.
+# shellcheck disable=SC2016
+restart_app_servers() {
+  in_host sh -c 'systemctl restart $(systemctl list-units --plain --no-legend --type=service \
+    "chat-daphne@*.service" chat-gunicorn.service | cut -d" " -f1)'
+  in_host sh -c 'for i in $(seq 60); do curl -skf https://localhost/healthz -o /dev/null && exit 0; sleep 1; done; exit 1' \
+    || die "the site did not answer after its servers restarted"
+}
+
 # The resident memory of the app's server units at rest (no client), and
 # of Nginx's, in KiB: what a layout costs before any traffic.
 memory_at_rest() {
@@ -338,6 +350,7 @@ case "${1:-run}" in
       mkdir -p "$RESULTS"
       : >"$RESULTS/commands.txt"
       [ "$layout" = split ] || move_to_layout "$layout"
+      restart_app_servers
       memory_at_rest
       measure http-nginx-healthz http-nginx-lobby http-nginx-room fanout-100 fanout-1000 burst idle
     done

@@ -20,7 +20,7 @@ import yaml
 from websockets.exceptions import InvalidStatus
 
 from conftest import INVENTORY, Edge, WebSocket, _published_port, report, run_playbook
-from test_70_faults import _health_check_fails, account, new_room, recovery_after, room_traffic
+from test_70_faults import SENDERS, SOCKETS, _health_check_fails, account, new_room, recovery_after, room_traffic
 from traffic import Traffic
 
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
@@ -296,12 +296,18 @@ def test_postgresql_stopped_is_reported_refused_and_resumes(edge):
 # Nginx lists only app hosts that serve a release (chat_upstream_hosts):
 # app3 joins lb's upstreams after its first release passed the gate, in the
 # play after the app play, not while its first Gunicorn start is slow.
-def test_a_third_app_host_joins_a_running_cluster_without_a_failed_request(lb, edge):
-    """app3 is added to group app and site.yml runs again while clients use the site."""
+def spare_instance():
+    """The spare app host create.yml made outside the inventory (skips without one)."""
     spare_file = os.path.join(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"], "spare-instance.yml")
     if not os.path.exists(spare_file):
         pytest.skip("SKIPPED: the scenario made no spare app host")
     (spare,) = yaml.safe_load(open(spare_file))
+    return spare
+
+
+def test_a_third_app_host_joins_a_running_cluster_without_a_failed_request(lb, edge):
+    """app3 is added to group app and site.yml runs again while clients use the site."""
+    spare = spare_instance()
     like = RUNNER.get_variables(APP_HOSTS[0])
     # Beside Molecule's inventory, whose group_vars (and vault) it shares;
     # removed afterwards, as Molecule reads every file of that folder.
@@ -330,6 +336,46 @@ def test_a_third_app_host_joins_a_running_cluster_without_a_failed_request(lb, e
     while spare["instance"] not in set(sum(host_names(edge, 6), [])):
         assert time.monotonic() < deadline, f"{spare['instance']} never answered through the web host"
         time.sleep(1)
+
+
+def test_an_app_host_taken_out_of_the_inventory_leaves_rotation_and_is_stopped_losing_nothing(lb, edge):
+    """After the join above: site.yml with the scenario's own inventory (app3 no longer in it),
+    then the operator stops app3's servers, all under a room's traffic.
+
+    Nginx lists app3 no more after the rerun; the WebSockets it still holds
+    (an old Nginx worker keeps upgraded connections) close when its servers
+    stop, and their clients come back through lb to app1 and app2.
+    """
+    spare = spare_instance()
+    app3 = testinfra.get_host(
+        f"ssh://{spare['user']}@{spare['address']}:{spare['port']}", sudo=True,
+        ssh_identity_file=spare["identity_file"],
+        ssh_extra_args="-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR")
+    if not app3.file("/srv/chat/current").exists:
+        pytest.skip("SKIPPED: the spare app host never joined (see the join test)")
+    address = listen_address(app3, "chat-gunicorn.socket").rsplit(":", 1)[0]
+    assert f"server {address}:" in lb.check_output("nginx -T 2>/dev/null"), "app3 was not in lb's upstreams"
+    room = new_room("leave")
+    traffic = Traffic(edge, room, http_clients=4, sockets=SOCKETS, senders=SENDERS, path="/",
+                      max_seconds=900)
+    with traffic as counts:
+        result = run_playbook("site.yml")
+        assert result.returncode == 0, result.stdout[-5000:]
+        http, ws = host_names(edge, 12)
+        app3.check_output(f"systemctl stop {APP_UNITS}")
+        stopped_at = time.monotonic()
+        recovery = recovery_after(traffic, edge, room, stopped_at)
+    requests = counts.http_ok + len(counts.http_failed)
+    report(f"app host {spare['instance']} taken out in {result.seconds:.0f} s (site.yml) under load, "
+           f"then its servers stopped: {requests} HTTP requests, {len(counts.http_failed)} failed; "
+           f"{len(counts.ws_failed_handshakes)} WebSocket handshakes failed, "
+           f"{len(counts.reconnects)} sockets dropped and back")
+    assert spare["instance"] not in set(http + ws), (http, ws)
+    assert set(http) == set(ws) == set(APP_HOSTS), (http, ws)
+    assert f"server {address}:" not in lb.check_output("nginx -T 2>/dev/null")
+    assert counts.http_failed == [], counts.http_failed[:5]
+    assert counts.ws_failed_handshakes == [], counts.ws_failed_handshakes[:5]
+    account("app host removed", edge, room, counts, recovery)
 
 
 def test_a_new_handshake_to_a_foreign_origin_is_still_refused_on_every_host(edge):

@@ -54,8 +54,13 @@ def listen_address(app, unit):
     return listen.split()[0]
 
 
-def private_address(name):
-    return listen_address(on(name), "chat-gunicorn.socket").rsplit(":", 1)[0]
+def private_address(app):
+    """The address an app host (a testinfra host) serves on, as its Gunicorn socket says."""
+    return listen_address(app, "chat-gunicorn.socket").rsplit(":", 1)[0]
+
+
+# The test hosts are made afresh each run: their SSH host keys are not kept.
+SSH_NO_HOST_KEYS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
 
 
 def host_names(edge, count):
@@ -83,8 +88,7 @@ def tunnel(lb, target):
         local_port = probe.getsockname()[1]
     process = subprocess.Popen(
         ["ssh", "-N", "-i", facts["ansible_private_key_file"], "-p", str(facts.get("ansible_port", 22)),
-         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
-         "-o", "ExitOnForwardFailure=yes", "-o", "BatchMode=yes",
+         *SSH_NO_HOST_KEYS, "-o", "ExitOnForwardFailure=yes", "-o", "BatchMode=yes",
          "-L", f"127.0.0.1:{local_port}:{target}", f"{facts['ansible_user']}@{facts['ansible_host']}"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -164,7 +168,7 @@ def tcp_open(host, address, port):
 
 def test_data_tier_is_closed_to_the_web_host(lb):
     data = private_address_of_data()
-    app = private_address(APP_HOSTS[0])
+    app = private_address(on(APP_HOSTS[0]))
     # The control: the web host reaches what it needs.
     assert tcp_open(lb, app, 8000)
     for port in (6379, 5432):
@@ -350,10 +354,10 @@ def test_an_app_host_taken_out_of_the_inventory_leaves_rotation_and_is_stopped_l
     app3 = testinfra.get_host(
         f"ssh://{spare['user']}@{spare['address']}:{spare['port']}", sudo=True,
         ssh_identity_file=spare["identity_file"],
-        ssh_extra_args="-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR")
+        ssh_extra_args=" ".join(SSH_NO_HOST_KEYS))
     if not app3.file("/srv/chat/current").exists:
         pytest.skip("SKIPPED: the spare app host never joined (see the join test)")
-    address = listen_address(app3, "chat-gunicorn.socket").rsplit(":", 1)[0]
+    address = private_address(app3)
     assert f"server {address}:" in lb.check_output("nginx -T 2>/dev/null"), "app3 was not in lb's upstreams"
     room = new_room("leave")
     traffic = Traffic(edge, room, http_clients=4, sockets=SOCKETS, senders=SENDERS, path="/",

@@ -13,16 +13,33 @@ source "$(dirname "$0")/lib.sh"
 passed=0
 failed=0
 failures=()
+# Each step's output is kept for the digest of failures at the end: CI shows
+# only the tail of a run, and the test that failed is far above it.
+LOG_DIR="${CHAT_TEST_LOG_DIR:-/tmp/chat-test-logs}"
 
 step() {
   local name="$1"; shift
-  log "step: $name"
-  if "$@"; then
+  log "step: $name (output also in $LOG_DIR/$name.log)"
+  if "$@" 2>&1 | tee "$LOG_DIR/$name.log"; then
     passed=$((passed + 1))
   else
     failed=$((failed + 1))
     failures+=("$name")
   fi
+}
+
+# What failed, in a few lines per failed step: pytest's FAILED and ERROR
+# lines, Ansible's fatal tasks and recaps with failures, without Molecule's
+# colours and frames; else the step's last lines.
+digest() {
+  local name lines
+  for name in "${failures[@]}"; do
+    lines="$(sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^[[:space:]]*│[[:space:]]*//' "$LOG_DIR/$name.log" \
+      | grep -E '^(FAILED|ERROR) |fatal: \[|failed=[1-9]|unreachable=[1-9]|Idempotence test failed|^==> molecule test' \
+      | grep -B1 -vE '^==> molecule test' | grep -v '^--$' | cut -c1-300 | tail -n 16 || true)"
+    log "step $name failed:"
+    printf '%s\n' "${lines:-$(tail -n 8 "$LOG_DIR/$name.log")}"
+  done
 }
 
 # Python 3.13 for the app's second supported interpreter: on the PATH, or
@@ -84,6 +101,7 @@ molecule_steps() {
 }
 
 require_root
+mkdir -p "$LOG_DIR"
 ensure_debian_packages
 ensure_toolchain
 
@@ -101,6 +119,6 @@ case "${1:-all}" in
   *) die "usage: $0 [all|lint|preflight|app|molecule]" ;;
 esac
 
-[ "$failed" -eq 0 ] || log "failed steps: ${failures[*]}"
+[ "$failed" -eq 0 ] || { digest; log "failed steps: ${failures[*]}"; }
 echo "suite: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -18,6 +18,11 @@ from traffic import Traffic
 
 CLOSE_SERVICE_RESTART = 1012
 ROOT = "/srv/chat"
+# Seconds a dropped WebSocket may take to be back. Reconnects take 0.4-0.7 s
+# on an idle machine (reported by each test); the bound catches one that hung
+# or needed retries, not a busy machine: 2 s failed once at 2.02 s while
+# another scenario ran on the same two cores.
+RECONNECT_WITHIN = 10
 
 pytestmark = on_one_release("CHAT_RELEASE_SUITE", "bookworm", "the release checks")
 
@@ -37,13 +42,13 @@ def assert_no_failed_request(counts):
     assert counts.http_ok > 20, "the load did not run"
 
 
-def assert_gentle_reconnects(counts, within=2):
+def assert_gentle_reconnects(counts):
     assert counts.ws_failed_handshakes == [], counts.ws_failed_handshakes[:5]
     codes = {code for code, _ in counts.reconnects}
     assert codes <= {CLOSE_SERVICE_RESTART}, f"close codes seen: {codes}"
     times = sorted(seconds for _, seconds in counts.reconnects)
     slowest = times[-1] if times else 0
-    assert slowest < within, f"a WebSocket took {slowest:.2f} s to reconnect"
+    assert slowest < RECONNECT_WITHIN, f"a WebSocket took {slowest:.2f} s to reconnect"
     return f"median {times[len(times) // 2]:.2f} s, slowest {slowest:.2f} s" if times else "none"
 
 

@@ -67,11 +67,15 @@ def add_app_host(tmp_path, address):
         + f"    app:\n      hosts:\n        other:\n          chat_private_address: {address}\n")
 
 
+# A run limited to some hosts leaves out the implicit localhost: the
+# controller's checks then run on the first host of the limit, still
+# without contacting it.
+@pytest.mark.parametrize("limit", [[], ["--limit", "web"]], ids=["whole", "limited"])
 @pytest.mark.parametrize("environment", ["staging", "production"])
-def test_environment_without_vault_stops_before_any_host(environment):
+def test_environment_without_vault_stops_before_any_host(environment, limit):
     vault = REPO / "inventories" / environment / "group_vars" / "all" / "vault.yml"
     assert not vault.exists(), f"{vault} exists; this test needs it absent"
-    rc, output = run_site(REPO / "inventories" / environment)
+    rc, output = run_site(REPO / "inventories" / environment, *limit)
     assert_refused_before_any_change(rc, output, "vault.yml is missing", "ansible-vault encrypt")
     assert "Gathering Facts" not in output, "preflight contacted a host"
 

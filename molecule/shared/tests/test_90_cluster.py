@@ -7,6 +7,7 @@ by group. Skipped where the layout has one app host.
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -295,6 +296,22 @@ def test_postgresql_stopped_is_reported_refused_and_resumes(edge):
     assert counts.refused, "no sender got an error frame while PostgreSQL was stopped"
     assert {code for _, code in counts.refused} <= {"store_failed"}, counts.refused
     edge.wait_healthy()
+
+
+def test_a_run_limited_to_the_web_host_changes_nothing(lb):
+    """site.yml --limit lb: Nginx's upstreams and the firewall still list every app host.
+
+    They are built from the other hosts' facts, which preflight gathers for
+    the hosts outside the limit.
+    """
+    before = lb.check_output("nginx -T 2>/dev/null; cat /etc/nftables.conf")
+    result = run_playbook("site.yml", "--limit", WEB_HOSTS[0])
+    assert result.returncode == 0, result.stdout[-5000:]
+    recaps = dict(re.findall(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", result.stdout, re.MULTILINE))
+    report(f"site.yml --limit {WEB_HOSTS[0]}: {result.seconds:.0f} s, changed per host {recaps}")
+    assert recaps.get(WEB_HOSTS[0]) == "0", recaps
+    assert set(recaps) <= {WEB_HOSTS[0], "localhost"}, f"the limit was not kept: {recaps}"
+    assert lb.check_output("nginx -T 2>/dev/null; cat /etc/nftables.conf") == before
 
 
 # Nginx lists only app hosts that serve a release (chat_upstream_hosts):

@@ -314,6 +314,26 @@ def test_a_run_limited_to_the_web_host_changes_nothing(lb):
     assert lb.check_output("nginx -T 2>/dev/null; cat /etc/nftables.conf") == before
 
 
+def test_a_deploy_that_cannot_lock_one_app_host_stops_on_all_and_frees_the_others(edge):
+    """Another run holds app2's lock: nothing is built or switched, and app1's lock is given back."""
+    free, held = on(APP_HOSTS[0]), on(APP_HOSTS[1])
+    live = edge.get_json("/healthz")[1]["release"]
+    holder = f"someone@elsewhere deploy {uuid.uuid4().hex[:8]}"
+    held.check_output("printf '%%s\\n' %s > /srv/chat/deploy.lock", holder)
+    try:
+        result = run_playbook("playbooks/deploy.yml")
+        still_held = held.file("/srv/chat/deploy.lock").content_string.strip()
+    finally:
+        held.run("rm -f /srv/chat/deploy.lock")
+    assert result.returncode != 0
+    assert f"Another deploy or rollback is running on {APP_HOSTS[1]}" in result.stdout, result.stdout[-3000:]
+    assert holder in result.stdout
+    assert "PLAY [Build the release" not in result.stdout, "a host went on past the lock"
+    assert not free.file("/srv/chat/deploy.lock").exists, f"{APP_HOSTS[0]} kept the lock this run took"
+    assert still_held == holder, "the run removed the lock of the one that holds it"
+    assert edge.get_json("/healthz")[1]["release"] == live
+
+
 # Nginx lists only app hosts that serve a release (chat_upstream_hosts):
 # app3 joins lb's upstreams after its first release passed the gate, in the
 # play after the app play, not while its first Gunicorn start is slow.

@@ -16,6 +16,8 @@ failures=()
 # Each step's output is kept for the digest of failures at the end: CI shows
 # only the tail of a run, and the test that failed is far above it.
 LOG_DIR="${CHAT_TEST_LOG_DIR:-/tmp/chat-test-logs}"
+# Molecule's checks write each failure there, on one line (conftest.py).
+export CHAT_TEST_FAILURES="$LOG_DIR/failed-checks.txt"
 
 step() {
   local name="$1"; shift
@@ -30,16 +32,21 @@ step() {
 
 # What failed, in a few lines per failed step: pytest's FAILED and ERROR
 # lines, Ansible's fatal tasks and recaps with failures, without Molecule's
-# colours and frames; else the step's last lines.
+# colours and frames (else the step's last lines); then Molecule's failed
+# checks, one line each.
 digest() {
   local name lines
   for name in "${failures[@]}"; do
     lines="$(sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^[[:space:]]*│[[:space:]]*//' "$LOG_DIR/$name.log" \
-      | grep -E '^(FAILED|ERROR) |fatal: \[|failed=[1-9]|unreachable=[1-9]|Idempotence test failed|^==> molecule test' \
+      | grep -E '^(FAILED|ERROR) [^-]|fatal: \[|failed=[1-9]|unreachable=[1-9]|Idempotence test failed|^==> molecule test' \
       | grep -B1 -vE '^==> molecule test' | grep -v '^--$' | cut -c1-300 | tail -n 16 || true)"
     log "step $name failed:"
     printf '%s\n' "${lines:-$(tail -n 8 "$LOG_DIR/$name.log")}"
   done
+  if [ -s "$CHAT_TEST_FAILURES" ]; then
+    log "failed checks:"
+    cut -c1-400 "$CHAT_TEST_FAILURES" | tail -n 12
+  fi
 }
 
 # Python 3.13 for the app's second supported interpreter: on the PATH, or
@@ -102,6 +109,7 @@ molecule_steps() {
 
 require_root
 mkdir -p "$LOG_DIR"
+rm -f "$CHAT_TEST_FAILURES"
 ensure_debian_packages
 ensure_toolchain
 

@@ -268,6 +268,19 @@ def report(line):
     _REPORTS.append(line)
 
 
+def pytest_runtest_logreport(report):
+    """Each failed check on one line in CHAT_TEST_FAILURES, for make test's digest
+    (Molecule wraps pytest's own summary across lines)."""
+    path = os.environ.get("CHAT_TEST_FAILURES")
+    if not path or not report.failed:
+        return
+    crash = getattr(report.longrepr, "reprcrash", None)
+    message = (crash.message if crash else str(report.longrepr)).strip().splitlines() or [""]
+    where = f"{os.environ.get('MOLECULE_SCENARIO_NAME', '?')} on {os.environ.get('CHAT_HOST_SUITE', 'bookworm')}"
+    with open(path, "a") as out:
+        out.write(f"FAILED ({where}, {report.when}) {report.nodeid}: {message[0][:240]}\n")
+
+
 def pytest_terminal_summary(terminalreporter):
     if _REPORTS:
         terminalreporter.section("measured")

@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from conftest import static_manifest
-from websockets.exceptions import InvalidStatus
+from conftest import on_one_release, report, run_playbook, static_manifest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 CSP = "default-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'"
 
@@ -135,3 +135,36 @@ def test_sockets_held_open_by_one_address_are_limited(host, edge):
     # Closed sockets free their places.
     with edge.websocket(room) as ws:
         assert edge.receive(ws)["type"] == "history"
+
+
+@pytest.mark.needs("web", "app")
+@on_one_release("CHAT_RELEASE_SUITE", "bookworm", "the reload bound (two runs of the web play)")
+def test_a_worker_retired_by_a_reload_closes_its_websockets_after_the_bound(host, edge):
+    """nginx_worker_shutdown_timeout: a reload's old worker does not keep a WebSocket for ever.
+
+    Nginx's default waits for every connection: the old worker, and the
+    servers it proxies to, would live as long as the page. The bound is
+    made short for the test; a reload then retires the worker that holds
+    the socket, which must close after the bound, not at the reload.
+    """
+    bound = 4
+    shortened = run_playbook("site.yml", "--tags", "web", "-e", f"nginx_worker_shutdown_timeout={bound}s")
+    try:
+        assert shortened.returncode == 0, shortened.stdout[-3000:]
+        master = host.check_output("cat /run/nginx/nginx.pid")
+        with edge.websocket(f"/ws/chat/reload-{uuid.uuid4().hex[:8]}/") as ws:
+            edge.receive(ws)  # the join history
+            reloaded = time.monotonic()
+            host.check_output("systemctl reload nginx")
+            with pytest.raises(ConnectionClosed):
+                while time.monotonic() - reloaded < bound + 20:
+                    ws.recv(timeout=bound + 20)
+            closed_after = time.monotonic() - reloaded
+        assert host.check_output("cat /run/nginx/nginx.pid") == master, "Nginx restarted instead of reloading"
+    finally:
+        restored = run_playbook("site.yml", "--tags", "web")
+    report(f"Nginx reload with worker_shutdown_timeout {bound}s: the old worker closed its WebSocket "
+           f"{closed_after:.1f} s after the reload")
+    assert bound - 1 <= closed_after < bound + 10, f"closed {closed_after:.1f} s after the reload"
+    assert restored.returncode == 0, restored.stdout[-3000:]
+    assert "worker_shutdown_timeout 10m;" in host.check_output("nginx -T 2>/dev/null")

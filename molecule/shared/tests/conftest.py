@@ -7,6 +7,7 @@ clients (`edge`), the way a browser reaches the service.
 
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -335,6 +336,12 @@ def run_playbook(playbook, *args, timeout=900, env=None):
                             timeout=timeout)
     result.seconds = time.monotonic() - started
     return result
+
+
+def changed_per_host(output):
+    """From an ansible-playbook run's recap: {host: number of changed tasks}."""
+    return {host: int(changed) for host, changed in
+            re.findall(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", output, re.MULTILINE)}
 
 
 def app_copy(tmp_path, name, change=None):

@@ -85,8 +85,8 @@ def move(edge, host, layout, playbook="site.yml", *args):
     assert host.file(f"{ROOT}/layout").content_string.strip() == layout
     assert_no_failed_request(counts)
     # A socket whose server goes (or restarts onto a new release) reconnects
-    # to one that may itself be starting: on the shared 2-core machine that
-    # took up to 3 s (the releases' checks, with fewer moving parts, allow 2).
+    # to one that may itself be starting: up to 3 s on the shared 2-core
+    # machine, within the release checks' bound (RECONNECT_WITHIN).
     reconnects = assert_gentle_reconnects(counts)
     release = " and a new release" if len(counts.releases_seen) > 1 else ""
     report(f"{playbook} to the {layout} layout{release}: {result.seconds:.0f} s, "

@@ -7,7 +7,6 @@ by group. Skipped where the layout has one app host.
 import contextlib
 import json
 import os
-import re
 import socket
 import subprocess
 import time
@@ -20,7 +19,7 @@ import testinfra.utils.ansible_runner
 import yaml
 from websockets.exceptions import InvalidStatus
 
-from conftest import INVENTORY, Edge, WebSocket, _published_port, report, run_playbook
+from conftest import INVENTORY, Edge, WebSocket, _published_port, changed_per_host, report, run_playbook
 from test_70_faults import SENDERS, SOCKETS, _health_check_fails, account, new_room, recovery_after, room_traffic
 from traffic import Traffic
 
@@ -307,9 +306,9 @@ def test_a_run_limited_to_the_web_host_changes_nothing(lb):
     before = lb.check_output("nginx -T 2>/dev/null; cat /etc/nftables.conf")
     result = run_playbook("site.yml", "--limit", WEB_HOSTS[0])
     assert result.returncode == 0, result.stdout[-5000:]
-    recaps = dict(re.findall(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", result.stdout, re.MULTILINE))
+    recaps = changed_per_host(result.stdout)
     report(f"site.yml --limit {WEB_HOSTS[0]}: {result.seconds:.0f} s, changed per host {recaps}")
-    assert recaps.get(WEB_HOSTS[0]) == "0", recaps
+    assert recaps.get(WEB_HOSTS[0]) == 0, recaps
     assert set(recaps) <= {WEB_HOSTS[0], "localhost"}, f"the limit was not kept: {recaps}"
     assert lb.check_output("nginx -T 2>/dev/null; cat /etc/nftables.conf") == before
 

@@ -17,10 +17,15 @@ under systemd socket activation needs, which Daphne itself does not do:
   The adopted port here keeps ``CHAT_LISTEN_BACKLOG`` and the file's mode,
   and leaves the socket open and in place when the process stops, so
   connections queue in it while the instance restarts.
-- **A clean goodbye on stop**: on SIGTERM every open WebSocket gets a close
-  frame with code 1012 (service restart, RFC 6455 / IANA) before the process
-  exits, instead of a dropped TCP connection (1006 on the client). The page
-  reconnects with jitter and catches up from history by seq. Daphne cannot
+- **A clean goodbye on stop**: on SIGTERM the process first stops accepting
+  (its listening sockets stay open, and systemd's, so new connections wait
+  in their queue for the next process), then every open WebSocket gets a
+  close frame with code 1012 (service restart, RFC 6455 / IANA) before the
+  process exits, instead of a dropped TCP connection (1006 on the client).
+  The page reconnects and catches up from history by seq. Stopping to
+  accept comes first because a client that reconnects at once would
+  otherwise be accepted by the stopping process during its grace time and
+  cut without a close frame when it exits. Daphne cannot
   send 1012 through ASGI (autobahn's ``sendClose`` only allows 1000 and
   3000-4999), so the frame is sent on the protocol directly.
 - **Server close codes through ASGI**: the app closes a handshake it cannot
@@ -134,12 +139,26 @@ def _open_websockets(server):
     ]
 
 
+def stop_accepting(reactor=reactor):
+    """Stop reading every listening port; returns how many.
+
+    Not stopListening(): that would close the socket. Unread, it keeps
+    queueing connections, which the next process (given the same socket by
+    systemd) accepts.
+    """
+    ports = [reader for reader in reactor.getReaders() if isinstance(reader, tcp.Port)]
+    for port in ports:
+        port.stopReading()
+    return len(ports)
+
+
 def close_websockets(server, grace, clock=reactor):
-    """Send 1012 to every open WebSocket; wait up to ``grace`` s for them to go.
+    """Stop accepting, send 1012 to every open WebSocket; wait up to ``grace`` s for them to go.
 
     Returns a Deferred, which holds reactor shutdown (a "before" trigger)
     until the clients have answered the close or the grace time is over.
     """
+    stop_accepting()
     sockets = _open_websockets(server)
     for protocol in sockets:
         protocol.sendCloseFrame(code=CLOSE_SERVICE_RESTART, reasonUtf8=b"service restart")

@@ -58,22 +58,30 @@ def launched(redis_url, tmp_path):
     }
     subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=APP_DIR, env=env,
                    check=True, capture_output=True, timeout=120)
-    # systemd passes the socket as fd 3 and names the receiving PID; the
-    # shell moves the socket to fd 3, and its exec keeps its PID, so $$ is
-    # the launcher's.
     fd = listener.fileno()
     log = tmp_path / "daphne.log"
-    process = subprocess.Popen(
-        ["bash", "-c", f'exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ exec "$0" -m chatservice.serve_daphne '
-         f'-v 0 --websocket-max-message-size {MAX_MESSAGE} --endpoint systemd:domain=UNIX:index=0 '
-         'chatservice.asgi:application',
-         sys.executable],
-        cwd=APP_DIR, env=env, pass_fds=(fd,), stdout=log.open("w"), stderr=subprocess.STDOUT,
-    )
+    processes = []
+
+    def launch():
+        """One more process on the same socket, as systemd starts the next instance."""
+        # systemd passes the socket as fd 3 and names the receiving PID; the
+        # shell moves the socket to fd 3, and its exec keeps its PID, so $$ is
+        # the launcher's.
+        process = subprocess.Popen(
+            ["bash", "-c", f'exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ exec "$0" -m chatservice.serve_daphne '
+             f'-v 0 --websocket-max-message-size {MAX_MESSAGE} --endpoint systemd:domain=UNIX:index=0 '
+             'chatservice.asgi:application',
+             sys.executable],
+            cwd=APP_DIR, env=env, pass_fds=(fd,), stdout=log.open("a"), stderr=subprocess.STDOUT,
+        )
+        processes.append(process)
+        return process
+
     try:
-        yield {"process": process, "socket": sock_path, "notify": notify, "log": log}
+        yield {"process": launch(), "launch": launch, "socket": sock_path, "notify": notify, "log": log}
     finally:
-        stop(process)
+        for process in processes:
+            stop(process)
         listener.close()
         notify.close()
 
@@ -127,6 +135,45 @@ def test_open_websockets_are_closed_with_1012_on_sigterm(launched):
     assert (code, reason) == (1012, "service restart")
     assert seconds < 5
     assert launched["process"].wait(timeout=10) == 0
+
+
+def test_a_stopping_process_leaves_new_connections_to_the_next_one(launched):
+    """A client that reconnects at once, while the old process waits for the
+    others to answer its 1012, is served by the next process, not accepted
+    and then cut without a close frame when the old one exits."""
+    wait_ready(launched)
+
+    async def scenario():
+        # A client that never answers the close frame: the old process waits
+        # its whole grace time (CHAT_CLOSE_GRACE, 2 s) before it exits.
+        reader, writer = await asyncio.open_unix_connection(str(launched["socket"]))
+        writer.write(b"GET /ws/chat/stopping/ HTTP/1.1\r\nHost: localhost\r\nOrigin: http://localhost\r\n"
+                     b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        assert b" 101 " in await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        await asyncio.wait_for(reader.read(1), 5)  # the history frame has begun
+        launched["process"].send_signal(signal.SIGTERM)
+        # The 1012 frame (opcode 0x88, then the code) says the grace time began.
+        data = b""
+        while b"\x88" not in data:
+            data += await asyncio.wait_for(reader.read(65536), 5)
+        # A new client now: with nobody accepting, it waits in the queue.
+        joining = asyncio.ensure_future(ws_connect(
+            "ws://localhost/ws/chat/stopping/", origin="http://localhost", unix=True,
+            path=str(launched["socket"]), open_timeout=30))
+        await asyncio.sleep(0.5)
+        assert not joining.done(), "the stopping process answered a new handshake"
+        assert await asyncio.get_running_loop().run_in_executor(None, launched["process"].wait, 10) == 0
+        writer.close()
+        launched["launch"]()
+        ws = await joining
+        assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "history"
+        # Served by the new process: still open after the old one exited.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(ws.recv(), 1)
+        await ws.close()
+
+    asyncio.run(scenario())
 
 
 def test_the_message_size_limit_holds_for_received_messages_only(launched):

@@ -2,7 +2,8 @@
 
 `Traffic` runs, in background threads, bounded HTTP polling of a path and a
 room of WebSocket clients that behave like the page: on a close they come
-back after the page's first jittered pause and count what they saw. Each
+back after the page's first jittered pause (or, for the share `at_once` of
+them, at once, as a harsher client does) and count what they saw. Each
 loop ends when the block ends or at `max_seconds`, whichever comes first.
 
 With `senders`, that many of the clients also post a message every
@@ -44,11 +45,22 @@ class Seen:
 
     seqs: set = field(default_factory=set)
     bodies: dict = field(default_factory=dict)
+    # How each seq first came: live (a message or batch frame, the fan-out)
+    # or caught up (history asked for after a gap or a reconnect). The
+    # history of the first join is neither: those came before the client.
+    live: set = field(default_factory=set)
+    caught_up: set = field(default_factory=set)
 
-    def add(self, messages):
+    def add(self, messages, how="live"):
         for message in messages:
-            self.seqs.add(message["seq"])
-            self.bodies[message["seq"]] = message["body"]
+            seq = message["seq"]
+            if seq not in self.seqs:
+                if how == "live":
+                    self.live.add(seq)
+                elif how == "catch-up":
+                    self.caught_up.add(seq)
+            self.seqs.add(seq)
+            self.bodies[seq] = message["body"]
 
     def contiguous(self):
         """The highest seq with nothing missing below it (0: none)."""
@@ -79,8 +91,15 @@ class Counts:
     # Per client, what it saw once it caught up at the end (None: it could
     # not, by the end of the block's time).
     seen: list = field(default_factory=list)
+    # Requests answered 200, per HTTP poller, when each stopped: a poller
+    # that died early shows here instead of passing with no failures.
+    polls: list = field(default_factory=list)
     # Close codes of handshakes that were accepted and closed at once (1013).
     closed_on_join: list = field(default_factory=list)
+    # Every close any client saw, in the order seen: (close code, whether the
+    # client had joined the room), 1006 for a connection lost without a
+    # close frame.
+    closes: list = field(default_factory=list)
 
 
 class Traffic:
@@ -92,7 +111,7 @@ class Traffic:
 
     def __init__(self, edge, room, http_clients=4, http_interval=0.25, sockets=50,
                  max_seconds=600, path="/healthz", opens_per_second=8, senders=0,
-                 send_interval=1.0, wait_open=True, http_timeout=10):
+                 send_interval=1.0, wait_open=True, http_timeout=10, at_once=0.0):
         self.edge, self.room, self.path = edge, room, path
         self.http_clients, self.http_interval = http_clients, http_interval
         self.sockets, self.max_seconds = sockets, max_seconds
@@ -101,6 +120,9 @@ class Traffic:
         # False: the block starts at once instead of once every socket is open.
         self.wait_open = wait_open
         self.http_timeout = http_timeout
+        # The share of clients that reconnect at once after a close (every
+        # other one for 0.5); the rest wait the page's jittered pause.
+        self.at_once = at_once
         self.tag = f"{room}-{time.monotonic_ns()}"
         # Every client's Seen, live (for wait_seen_by_all).
         self._seen = [Seen() for _ in range(sockets)]
@@ -120,23 +142,31 @@ class Traffic:
     # --- HTTP ---
     def _poll(self):
         deadline = time.monotonic() + self.max_seconds
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            try:
-                status, body = self.edge.get(self.path, timeout=self.http_timeout)
-                if status != 200:
-                    raise ValueError(f"HTTP {status}: {body[:100]}")
-                release = json.loads(body).get("release") if self.path == "/healthz" else None
-                with self._lock:
-                    self.counts.http_ok += 1
-                    if release and (not self.counts.releases_seen or self.counts.releases_seen[-1] != release):
-                        self.counts.releases_seen.append(release)
-            except (OSError, ValueError) as error:
-                with self._lock:
-                    self.counts.http_failed.append(repr(error)[:200])
-            time.sleep(self.http_interval)
+        answered = 0
+        try:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                try:
+                    status, body = self.edge.get(self.path, timeout=self.http_timeout)
+                    if status != 200:
+                        raise ValueError(f"HTTP {status}: {body[:100]}")
+                    release = json.loads(body).get("release") if self.path == "/healthz" else None
+                    answered += 1
+                    with self._lock:
+                        self.counts.http_ok += 1
+                        if release and (not self.counts.releases_seen or self.counts.releases_seen[-1] != release):
+                            self.counts.releases_seen.append(release)
+                # Any exception is a failed request (http.client's
+                # IncompleteRead is not an OSError), never the poller's end.
+                except Exception as error:
+                    with self._lock:
+                        self.counts.http_failed.append(repr(error)[:200])
+                time.sleep(self.http_interval)
+        finally:
+            with self._lock:
+                self.counts.polls.append(answered)
 
     # --- WebSockets ---
-    def _take(self, seen, frame, pending):
+    def _take(self, seen, frame, pending, first_join=False):
         """Records a frame; returns (answer for the post whose client_id is pending, or None; whether a gap is open)."""
         kind = frame.get("type")
         messages = []
@@ -144,7 +174,8 @@ class Traffic:
             messages = [frame] if kind == "message" else frame["messages"]
         elif kind == "batch":
             messages = frame["messages"]
-        seen.add(messages)
+        how = "live" if kind in ("message", "batch") else "join" if first_join else "catch-up"
+        seen.add(messages, how)
         answer = None
         if pending is not None:
             if any(m.get("client_id") == pending for m in messages):
@@ -189,6 +220,8 @@ class Traffic:
         url = f"{self.edge.ws_base}/ws/chat/{self.room}/"
         seen = self._seen[index]
         sender = index < self.senders
+        # Spread over the room: with 0.5, every other client.
+        at_once = int((index + 1) * self.at_once) > int(index * self.at_once)
         posted = 0
         # The post waiting for its answer: {"body", "client_id", "sent"} (when last sent).
         pending = None
@@ -210,7 +243,7 @@ class Traffic:
                             with self._lock:
                                 self.counts.reconnects.append((closed[0], time.monotonic() - closed[1]))
                             closed = None
-                        answer, _ = self._take(seen, joined, pending and pending["client_id"])
+                        answer, _ = self._take(seen, joined, pending and pending["client_id"], first_join=first)
                         if first:
                             with self._lock:
                                 self._open += 1
@@ -268,8 +301,9 @@ class Traffic:
                                 await ws.send(json.dumps({"type": "history", "since": seen.contiguous()}))
                 except ConnectionClosed as error:
                     code = error.rcvd.code if error.rcvd else 1006
-                    if not in_room:
-                        with self._lock:
+                    with self._lock:
+                        self.counts.closes.append((code, in_room))
+                        if not in_room:
                             self.counts.closed_on_join.append(code)
                     closed = closed or (code, time.monotonic())
                 except Exception as error:  # a refused or failed handshake
@@ -281,6 +315,8 @@ class Traffic:
                     # have it. It goes again after the reconnect.
                     with self._lock:
                         self.counts.resent.append(pending["body"])
+                if at_once and in_room:
+                    continue  # the first try after a close: no pause
                 # The page's first retry: half to all of 500 ms.
                 await asyncio.sleep(0.25 + random.random() * 0.25)
             # Out of time before the end was reached.

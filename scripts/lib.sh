@@ -27,6 +27,8 @@ ensure_debian_packages() {
   command -v debootstrap >/dev/null || missing+=(debootstrap)
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v shellcheck >/dev/null || missing+=(shellcheck)
+  # The app's tests run the page's room.js in Node.
+  command -v node >/dev/null || missing+=(nodejs)
   python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
   if [ "${#missing[@]}" -gt 0 ]; then
     log "installing ${missing[*]}"

@@ -116,6 +116,12 @@ def test_an_app_host_the_web_host_cannot_reach_is_refused(tmp_path):
     ("chat_secret_key", "k" * 49 + "'"),  # would end chat.env's quoting
     ("chat_redis_password", "p" * 31 + "@"),  # would break REDIS_URL
     ("chat_redis_admin_password", "a" * 31 + " "),
+    ("chat_redis_password", "p" * 31),  # passwords want 32+
+    # The vault example's placeholders, long enough to pass a length check.
+    ("chat_redis_password", "CHANGE-ME-32-random-characters-xyz"),
+    ("chat_secret_key", "CHANGE-ME-50-random-characters-" + "k" * 30),
+    # One value for two secrets.
+    ("chat_redis_password", "a" * 32),
 ])
 def test_short_or_unsafe_secret_is_refused(tmp_path, variable, value):
     inventory = write_inventory(tmp_path, ["web", "app", "redis"])

@@ -196,6 +196,10 @@ def test_live_release_is_owned_by_root(host):
     release = host.file(current.linked_to)
     assert release.user == "root", "the app user must not be able to change its code"
     assert host.file(current.linked_to + "/.venv/bin/daphne").exists
+    # Nor the static files Nginx serves (collectstatic ran as the app user).
+    assert host.file(current.linked_to + "/staticfiles/staticfiles.json").exists
+    not_roots = host.check_output(f"find {current.linked_to}/staticfiles ! -user root | head -5")
+    assert not_roots == "", f"static files not owned by root: {not_roots}"
 
 
 @pytest.mark.needs("app")

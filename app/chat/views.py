@@ -59,6 +59,8 @@ def healthz(request):
     checks = {"database": health.check_database(), "disk": health.check_disk(),
               "redis": health.check_redis()}
     healthy = all(result == "ok" for result in checks.values())
+    if not health.detail_allowed(request.META.get("HTTP_X_FORWARDED_FOR")):
+        return JsonResponse({"status": "ok" if healthy else "fail"}, status=200 if healthy else 503)
     asgi = isinstance(request, ASGIRequest)
     payload = {
         "status": "ok" if healthy else "fail",

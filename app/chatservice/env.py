@@ -5,6 +5,7 @@ deployed unchanged to any host; a malformed value stops start-up with a message
 that names the variable instead of surfacing later as an odd runtime error.
 """
 
+import ipaddress
 import os
 
 from django.core.exceptions import ImproperlyConfigured
@@ -56,3 +57,16 @@ def env_list(name, default=""):
     """A comma-separated list; blanks around items and empty items are dropped."""
     raw = os.environ.get(name, default)
     return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def env_networks(name, default=""):
+    """A comma-separated list of IP networks (an address alone is a network of one)."""
+    networks = []
+    for item in env_list(name, default):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError as error:
+            raise ImproperlyConfigured(
+                f"{name}: {item!r} is not an IP network (10.0.5.0/24, 2001:db8::/64 or an address)."
+            ) from error
+    return networks

@@ -8,7 +8,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from .env import env_bool, env_float, env_int, env_list, env_str
+from .env import env_bool, env_float, env_int, env_list, env_networks, env_str
 from .layers import build_channel_layers
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -151,6 +151,10 @@ HEALTH_REDIS_TIMEOUT = env_float("HEALTH_REDIS_TIMEOUT", 2.0, minimum=0.1)
 # DATA_DIR below which it reports the disk as failing.
 HEALTH_DATABASE_TIMEOUT = env_float("HEALTH_DATABASE_TIMEOUT", 1.0, minimum=0.0)
 HEALTH_MIN_FREE_MB = env_int("HEALTH_MIN_FREE_MB", 16, minimum=0)
+# Networks (comma-separated, e.g. 10.0.5.0/24,2001:db8::/64) whose requests
+# through the proxy see the health endpoints' detail (release, host, server,
+# database, each check's result); everyone else sees the status only.
+HEALTH_DETAIL_SOURCES = env_networks("HEALTH_DETAIL_SOURCES")
 
 # --- Chat behaviour -----------------------------------------------------------
 CHAT_MAX_BODY_LENGTH = env_int("CHAT_MAX_BODY_LENGTH", 2000, minimum=1)

@@ -9,7 +9,7 @@ from channels.db import database_sync_to_async
 from chat import store
 from chat.models import Message
 
-from .conftest import HOST, receive_messages
+from .conftest import HOST, ORIGIN, receive_messages
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -271,6 +271,27 @@ async def test_websocket_health(connect, settings):
     assert frame.pop("server") in {"daphne", "uvicorn", "gunicorn", "unknown"}
     assert frame == {"status": "ok", "interface": "asgi", "release": "r-2024", "host": socket.gethostname()}
     assert await client.receive_output(timeout=5) == {"type": "websocket.close", "code": 1000}
+
+
+@pytest.mark.parametrize(("forwarded_for", "sources", "detail"), [
+    ("203.0.113.7", [], False),  # a visitor through the proxy
+    ("127.0.0.1", [], True),  # the deploy's gate through the host's own proxy
+    ("10.0.5.9", ["10.0.5.0/24"], True),  # the monitoring
+    ("2001:db8::9", ["2001:db8::/64"], True),
+    ("not-an-address", ["10.0.5.0/24"], False),
+])
+async def test_websocket_health_names_the_release_only_to_trusted_callers(
+        connect, settings, forwarded_for, sources, detail):
+    import ipaddress
+
+    settings.RELEASE = "r-2024"
+    settings.HEALTH_DETAIL_SOURCES = [ipaddress.ip_network(source) for source in sources]
+    client = await connect("/ws/health/", headers=(ORIGIN, HOST, (b"x-forwarded-for", forwarded_for.encode())))
+    frame = await client.receive_json_from(timeout=5)
+    assert frame["status"] == "ok"
+    assert ("release" in frame) is detail, frame
+    if not detail:
+        assert frame == {"status": "ok"}
 
 
 async def test_websocket_health_checks_origin(asgi_app, close_layers):

@@ -106,3 +106,36 @@ def test_healthz_reports_a_nearly_full_disk(client, settings, tmp_path):
     assert response.status_code == 503
     disk = response.json()["checks"]["disk"]
     assert "free in" in disk and str(tmp_path) in disk
+
+
+@pytest.mark.parametrize(("forwarded_for", "sources", "detail"), [
+    ("203.0.113.7", [], False),  # a visitor through the proxy
+    ("127.0.0.1", [], True),  # the deploy's gate through the host's own proxy
+    (None, [], True),  # not through the proxy: a probe on the app's own socket
+    ("10.0.5.9", ["10.0.5.0/24"], True),  # the monitoring
+    ("10.0.6.9", ["10.0.5.0/24"], False),
+])
+def test_healthz_detail_is_for_trusted_callers_only(client, settings, forwarded_for, sources, detail):
+    import ipaddress
+
+    settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"  # a failing check: its text is detail
+    settings.HEALTH_DETAIL_SOURCES = [ipaddress.ip_network(source) for source in sources]
+    headers = {"HTTP_X_FORWARDED_FOR": forwarded_for} if forwarded_for else {}
+    response = client.get("/healthz", **headers)
+    assert response.status_code == 503
+    if detail:
+        assert response.json()["checks"]["redis"] != "ok"
+    else:
+        assert response.json() == {"status": "fail"}
+
+
+def test_healthz_detail_sources_must_be_networks(monkeypatch):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from chatservice.env import env_networks
+
+    monkeypatch.setenv("HEALTH_DETAIL_SOURCES", "10.0.5.0/24, 2001:db8::/64,192.0.2.7")
+    assert [str(n) for n in env_networks("HEALTH_DETAIL_SOURCES")] == ["10.0.5.0/24", "2001:db8::/64", "192.0.2.7/32"]
+    monkeypatch.setenv("HEALTH_DETAIL_SOURCES", "10.0.5.0/24,monitoring")
+    with pytest.raises(ImproperlyConfigured, match="'monitoring' is not an IP network"):
+        env_networks("HEALTH_DETAIL_SOURCES")

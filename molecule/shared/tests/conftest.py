@@ -18,6 +18,7 @@ import urllib.request
 
 import docker
 import pytest
+import testinfra
 import testinfra.utils.ansible_runner
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
@@ -241,14 +242,24 @@ def _published_port(container_name, port):
     return container.ports[port][0]["HostPort"]
 
 
+def inventory_host(name):
+    """A host of the scenario's inventory, by name, for checks that span hosts."""
+    return testinfra.get_host(f"ansible://{name}?ansible_inventory={INVENTORY}")
+
+
+def edge_of(web_host):
+    """A web host's Nginx, as published on 127.0.0.1."""
+    name = web_host.backend.get_hostname()
+    certificate = web_host.file("/etc/nginx/tls/chat.crt").content_string
+    return Edge(_published_port(name, "80/tcp"), _published_port(name, "443/tcp"), certificate)
+
+
 @pytest.fixture(scope="module")
 def edge(host):
     """The host's own Nginx, as published on 127.0.0.1; only web hosts have one."""
     if "web" not in groups_of(host):
         pytest.skip(f"SKIPPED: {host.backend.get_hostname()} is not a web host: no edge here")
-    name = host.backend.get_hostname()
-    certificate = host.file("/etc/nginx/tls/chat.crt").content_string
-    return Edge(_published_port(name, "80/tcp"), _published_port(name, "443/tcp"), certificate)
+    return edge_of(host)
 
 
 @pytest.fixture(scope="module")

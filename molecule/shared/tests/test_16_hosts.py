@@ -74,6 +74,15 @@ def test_foreign_hosts_never_reach_the_app(host, edge):
     # A WebSocket handshake with a valid Origin but a foreign Host.
     assert raw_websocket_handshake(edge, FOREIGN) == b""
 
+    # The site's name in the request line (absolute form), a foreign Host:
+    # Nginx routes by the request line, and the app must see that name too.
+    with socket.create_connection(("127.0.0.1", edge.tls_port), timeout=10) as raw:
+        with edge.ssl_context().wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(f"GET https://localhost:{edge.tls_port}/healthz HTTP/1.1\r\nHost: {FOREIGN}\r\n"
+                        "Connection: close\r\n\r\n".encode())
+            answer = tls.recv(200)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+
     # Control and marker: a foreign name sent to Gunicorn's socket directly,
     # bypassing Nginx, is logged. Once it shows, everything before it has
     # reached the journal too, so its absence below is not a matter of time.

@@ -1,5 +1,6 @@
 """Nginx hardening: headers, HEAD, validated config, per-client limits, its sandbox."""
 
+import json
 import re
 import time
 import uuid
@@ -168,3 +169,22 @@ def test_a_worker_retired_by_a_reload_closes_its_websockets_after_the_bound(host
     assert bound - 1 <= closed_after < bound + 10, f"closed {closed_after:.1f} s after the reload"
     assert restored.returncode == 0, restored.stdout[-3000:]
     assert "worker_shutdown_timeout 10m;" in host.check_output("nginx -T 2>/dev/null")
+
+
+@pytest.mark.needs("web", "app")
+def test_health_detail_is_for_monitoring_sources_only(host, edge):
+    """The tests reach Nginx from the engine's gateway, a monitoring source
+    here (chat_monitoring_sources): they see the release. An address outside
+    those sees the status only, even when a check fails."""
+    status, health = edge.get_json("/healthz")
+    assert status == 200 and "release" in health, health
+    visitor = "203.0.113.9"  # TEST-NET-3, on this host's loopback for the test
+    curl = "curl -sk --resolve localhost:443:127.0.0.1 https://localhost/healthz"
+    # The control: from 127.0.0.1 (loopback, as the deploy's gate asks), the detail.
+    assert "release" in json.loads(host.check_output(curl))
+    host.run(f"ip addr add {visitor}/32 dev lo")
+    try:
+        out = host.check_output(f"{curl} --interface {visitor}")
+    finally:
+        host.run(f"ip addr del {visitor}/32 dev lo")
+    assert json.loads(out) == {"status": "ok"}, out

@@ -5,11 +5,12 @@ default scenario, as the local demo). /healthz says which."""
 import json
 import re
 import time
+import urllib.parse
 import uuid
 
 import pytest
 
-from conftest import groups_of, inventory_groups, inventory_value
+from conftest import edge_of, groups_of, inventory_groups, inventory_host, inventory_value
 
 
 @pytest.fixture(scope="module")
@@ -59,32 +60,60 @@ def test_postgresql_listens_on_loopback_only(host, postgresql):
 
 
 def app_url(host):
+    """The DATABASE_URL an app host was given."""
     env = host.check_output("cat /srv/chat/shared/chat.env")
     return re.search(r"^DATABASE_URL='([^']+)'", env, re.MULTILINE).group(1)
 
 
-@pytest.mark.needs("db", "app")
-def test_only_the_app_role_logs_in_with_its_password(host, postgresql):
-    url = app_url(host)
-    assert host.run("psql -XAtq %s -c 'select 1'", url).stdout.strip() == "1"
-    wrong = host.run("psql -XAtq %s -c 'select 1'", re.sub(r":[^:@/]+@", ":wrong-password@", url))
-    assert wrong.rc != 0 and "password authentication failed" in wrong.stderr
+PG_QUERY = """
+import sys, psycopg
+try:
+    print(psycopg.connect(sys.argv[1], connect_timeout=5).execute("select 'answered'").fetchone()[0])
+except psycopg.OperationalError as error:
+    print("refused:", str(error).strip().splitlines()[-1])
+"""
+
+
+def pg_query(app, url):
+    """One query to url from an app host, with the app's own driver: 'answered' or 'refused: why'."""
+    return app.check_output("/srv/chat/current/.venv/bin/python -c %s %s", PG_QUERY, url)
+
+
+@pytest.fixture(scope="module")
+def app_host(host):
+    """The first app host (this one, all in one): its settings name the database it uses."""
+    return inventory_host(inventory_groups(host)["app"][0])
+
+
+# These run on the db host, asking an app host what it was given and
+# connecting from there: the same on one host and in a cluster.
+@pytest.mark.needs("db")
+def test_only_the_app_role_logs_in_with_its_password(host, postgresql, app_host):
+    url = app_url(app_host)
+    assert pg_query(app_host, url) == "answered"
+    wrong = pg_query(app_host, re.sub(r":[^:@/]+@", ":wrong-password@", url))
+    assert "password authentication failed" in wrong, wrong
     # The superuser has no password and no TCP rule: peer on the socket only.
     superuser = host.run("PGPASSWORD=x psql -XAtq -h 127.0.0.1 -U postgres -d chat -c 'select 1'")
     assert superuser.rc != 0 and "no pg_hba.conf entry" in superuser.stderr
     assert psql(host, "select rolpassword like 'SCRAM-SHA-256$%' from pg_authid where rolname = 'chat'") == "t"
 
 
-@pytest.mark.needs("db", "app")
-def test_the_password_is_the_inventorys(host, postgresql):
-    password = inventory_value(host.backend.get_hostname(), "chat_db_password")
-    assert f":{password}@127.0.0.1:5432/chat" in app_url(host)
+@pytest.mark.needs("db")
+def test_the_password_is_the_inventorys(host, postgresql, app_host):
+    password = inventory_value(app_host.backend.get_hostname(), "chat_db_password")
+    url = urllib.parse.urlsplit(app_url(app_host))
+    assert url.password == password
+    # This host, on loopback when the app is here too, else its private address.
+    assert url.hostname in {"127.0.0.1", *host.check_output("hostname -I").split()}, url.hostname
+    assert (url.port, url.path) == (5432, "/chat")
 
 
-@pytest.mark.needs("db", "app")
-def test_messages_are_stored_in_postgresql_over_pooled_connections(host, edge, postgresql):
+@pytest.mark.needs("db")
+def test_messages_are_stored_in_postgresql_over_pooled_connections(host, postgresql):
     """Messages through Nginx and Daphne land in PostgreSQL, and the app's
     connections stay within its pools: a message is not a connection."""
+    edge = edge_of(inventory_host(inventory_groups(host)["web"][0]))
     room = f"pg-{uuid.uuid4().hex[:8]}"
     sent = 30
     with edge.websocket(f"/ws/chat/{room}/") as ws:
@@ -104,5 +133,6 @@ def test_messages_are_stored_in_postgresql_over_pooled_connections(host, edge, p
     assert int(stored) == sent
     connections = int(psql(host, "select count(*) from pg_stat_activity where usename = 'chat'"))
     # Each app process (Gunicorn's workers, each Daphne) has a pool of at most 4.
-    processes = int(host.check_output("pgrep -c -u chat"))
+    processes = sum(int(inventory_host(name).check_output("pgrep -c -u chat"))
+                    for name in inventory_groups(host)["app"])
     assert 0 < connections <= 4 * processes, (connections, processes)

@@ -7,6 +7,7 @@ bookworm); on the other, the layout moves (test_55_layouts.py) deploy and roll
 back under load with the same playbooks.
 """
 
+import shlex
 import subprocess
 import time
 import uuid
@@ -222,26 +223,42 @@ def test_the_sockets_listen_with_the_backlog_their_units_ask_for(host):
     assert listening == wanted
 
 
-def test_a_second_deploy_is_refused_while_one_runs(host, edge, releases, tmp_path):
+def test_a_second_deploy_is_refused_and_a_run_whose_lock_was_taken_stops(host, edge, releases, tmp_path):
+    """While a deploy runs, a second one is refused with the holder's name;
+    and a run whose lock another run took over (as one does a stale lock)
+    stops at its next switch instead of going on beside it."""
+    live_before = live_release(edge)
     source = app_copy(tmp_path, "locked")
     first = subprocess.Popen(
         playbook_command("playbooks/deploy.yml", "-e", f"chat_app_source_dir={source}"),
         cwd=REPO, env=playbook_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lock = f"{ROOT}/deploy.lock"
+    other = "someone@elsewhere deploy 2026-01-01T00:00:00Z run takenover"
     try:
         deadline = time.monotonic() + 120
-        while not host.file(f"{ROOT}/deploy.lock").exists:
+        while not host.file(lock).exists:
             assert first.poll() is None, first.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "the first deploy never took the lock"
             time.sleep(0.2)
+        # Another run takes the lock over while the first one builds.
+        host.check_output(f"printf '%s\\n' {shlex.quote(other)} > {lock}")
         second = run_playbook("playbooks/deploy.yml")
         output, _ = first.communicate(timeout=600)
     finally:
         if first.poll() is None:
             first.kill()
+        host.run(f"rm -f {lock}")
     assert second.returncode != 0
     assert "Another deploy or rollback is running" in second.stdout, second.stdout[-3000:]
-    assert "held by: " in second.stdout
-    assert first.returncode == 0, output[-5000:]
-    assert live_release(edge) not in (releases["new_deps"], releases["code_only"])
-    assert not host.file(f"{ROOT}/deploy.lock").exists
+    assert f"held by: {other}" in second.stdout
+    assert first.returncode != 0, "the run whose lock was taken went on"
+    assert f"held by: {other}" in output, output[-5000:]
+    assert "Point current at the release" not in _task_names(output), "the run switched a host after losing its lock"
+    assert live_release(edge) == live_before
+    edge.wait_healthy()
 
+
+def _task_names(output):
+    """Names of the tasks an ansible-playbook output shows as run."""
+    return "\n".join(line.split("TASK [", 1)[1].rsplit("]", 1)[0] for line in output.splitlines()
+                     if "TASK [" in line)

@@ -19,7 +19,8 @@ import testinfra.utils.ansible_runner
 import yaml
 from websockets.exceptions import InvalidStatus
 
-from conftest import INVENTORY, Edge, WebSocket, _published_port, changed_per_host, report, run_playbook
+from conftest import INVENTORY, WebSocket, changed_per_host, edge_of, inventory_host, report, run_playbook
+from test_19_database import pg_query
 from test_70_faults import SENDERS, SOCKETS, _health_check_fails, account, new_room, recovery_after, room_traffic
 from traffic import Traffic
 
@@ -32,8 +33,7 @@ pytestmark = pytest.mark.skipif(
     reason="SKIPPED: the layout has no separate web host and two app hosts")
 
 
-def on(name):
-    return testinfra.get_host(f"ansible://{name}?ansible_inventory={INVENTORY}")
+on = inventory_host
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +43,7 @@ def lb():
 
 @pytest.fixture(scope="module")
 def edge(lb):
-    name = lb.backend.get_hostname()
-    return Edge(_published_port(name, "80/tcp"), _published_port(name, "443/tcp"),
-                lb.file("/etc/nginx/tls/chat.crt").content_string)
+    return edge_of(lb)
 
 
 def listen_address(app, unit):
@@ -192,15 +190,6 @@ sock.sendall(b"PING\\r\\n")
 print(sock.recv(200).decode().strip())
 """
 
-PG_QUERY = """
-import sys, psycopg
-try:
-    print(psycopg.connect(sys.argv[1], connect_timeout=5).execute("select 'answered'").fetchone()[0])
-except psycopg.OperationalError as error:
-    print("refused:", str(error).strip().splitlines()[-1])
-"""
-
-
 def test_app_hosts_reach_redis_and_postgresql_only_with_credentials():
     app = on(APP_HOSTS[0])
     env = dict(line.split("=", 1) for line in app.check_output("cat /srv/chat/shared/chat.env").splitlines()
@@ -212,11 +201,10 @@ def test_app_hosts_reach_redis_and_postgresql_only_with_credentials():
     assert "NOAUTH" in anonymous, anonymous
     assert app.check_output("python3 -c %s %s %s %s", REDIS_PING, data, user, password).splitlines() \
         == ["+OK", "+PONG"]
-    python = "/srv/chat/current/.venv/bin/python"
     parts = urllib.parse.urlsplit(database_url)
     without_password = parts._replace(netloc=f"{parts.username}@{parts.hostname}:{parts.port}").geturl()
-    assert "refused:" in app.check_output("%s -c %s %s", python, PG_QUERY, without_password)
-    assert app.check_output("%s -c %s %s", python, PG_QUERY, database_url) == "answered"
+    assert "refused:" in pg_query(app, without_password)
+    assert pg_query(app, database_url) == "answered"
 
 
 APP_UNITS = "chat-gunicorn.socket chat-gunicorn.service 'chat-daphne@*.socket' 'chat-daphne@*.service'"

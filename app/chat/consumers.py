@@ -6,7 +6,7 @@ import socket
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from . import fanout, health, store
+from . import addressrate, fanout, health, store
 from .dbcalls import reads
 from .models import is_valid_room_name
 from .protocol import (ProtocolError, clean_body, clean_client_id, clean_nickname, clean_since, client_id_of,
@@ -51,6 +51,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # cost it a message, and a flood of pings is still bounded.
         self.ping_bucket = TokenBucket(settings.CHAT_RATE_PER_SECOND, settings.CHAT_RATE_BURST)
         self.hub = fanout.get_hub()
+        # The client's address (Daphne and uvicorn take it from the proxy's
+        # X-Forwarded-For), for the per-address message rate.
+        self.address = (self.scope.get("client") or [None])[0]
         # The hub hands back the room's recent history at the moment the socket
         # joined (read once per process, not per handshake); the subscriber
         # stays paused until that history is sent.
@@ -92,6 +95,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 raise ProtocolError("rate_limited", "too many frames; slow down")
             if refused is not None:
                 raise refused
+            if frame["type"] == "message" and not await addressrate.allow(
+                    self.hub.redis_url, self.address, settings.CHAT_MESSAGES_PER_ADDRESS_PER_SECOND):
+                raise ProtocolError("rate_limited", "too many messages from your address; slow down")
             await getattr(self, f"handle_{frame['type']}")(frame)
         except ProtocolError as error:
             # A refused post is named by its client_id, so the client knows which one.

@@ -160,6 +160,11 @@ HEALTH_DETAIL_SOURCES = env_networks("HEALTH_DETAIL_SOURCES")
 CHAT_MAX_BODY_LENGTH = env_int("CHAT_MAX_BODY_LENGTH", 2000, minimum=1)
 CHAT_RATE_PER_SECOND = env_float("CHAT_RATE_PER_SECOND", 10.0, minimum=0.001)
 CHAT_RATE_BURST = env_int("CHAT_RATE_BURST", 20, minimum=1)
+# Messages per second from one address (an IPv6 /64), over all its sockets,
+# processes and hosts (counted in Redis); 0: no limit. 50 lets an office
+# behind one NAT address chat (that is 3,000 messages a minute) and keeps
+# one address from storing a thousand a second.
+CHAT_MESSAGES_PER_ADDRESS_PER_SECOND = env_int("CHAT_MESSAGES_PER_ADDRESS_PER_SECOND", 50, minimum=0)
 CHAT_HISTORY_ON_JOIN = 50
 CHAT_HISTORY_PAGE = 200
 

@@ -177,6 +177,43 @@ async def test_rate_limit_refuses_frames_beyond_the_burst(join, room, settings):
     assert (await client.receive_json_from(timeout=5))["type"] == "history"
 
 
+async def test_sockets_of_one_address_share_its_message_rate(asgi_app, room, settings, close_layers):
+    """Two sockets from one address: together they get the address's rate,
+    counted in Redis (where every process and host sees it), not one each."""
+    from channels.testing import WebsocketCommunicator
+
+    settings.CHAT_MESSAGES_PER_ADDRESS_PER_SECOND = 3
+
+    def from_address(address):
+        async def app(scope, receive, send):
+            return await asgi_app({**scope, "client": [address, 40000]}, receive, send)
+        return app
+
+    sockets = []
+    try:
+        for address in ("2001:db8:9::1", "2001:db8:9::2", "203.0.113.77"):  # two of one /64, one other
+            socket_ = WebsocketCommunicator(from_address(address), f"/ws/chat/{room}/", headers=[ORIGIN, HOST])
+            assert (await socket_.connect(timeout=5))[0]
+            assert (await socket_.receive_json_from(timeout=5))["type"] == "history"
+            sockets.append(socket_)
+        first, second, other = sockets
+
+        async def post(socket_, body):
+            """Its answer: "stored" (the echo of its post) or the error's code."""
+            await send_message(socket_, body)
+            while True:
+                frame = await socket_.receive_json_from(timeout=5)
+                if frame.get("body") == body or frame["type"] == "error":
+                    return frame.get("code", "stored")
+
+        answers = [await post(socket_, f"m{n}") for n, socket_ in enumerate([first, second, first, second])]
+        assert answers == ["stored", "stored", "stored", "rate_limited"]
+        assert await post(other, "another address") == "stored"
+    finally:
+        for socket_ in sockets:
+            await socket_.disconnect()
+
+
 async def test_pings_do_not_count_against_the_message_rate(join, room, settings):
     """The page pings every 25 s: those keepalives must never cost it a message."""
     settings.CHAT_RATE_BURST = 2

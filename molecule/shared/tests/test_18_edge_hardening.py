@@ -188,3 +188,26 @@ def test_health_detail_is_for_monitoring_sources_only(host, edge):
     finally:
         host.run(f"ip addr del {visitor}/32 dev lo")
     assert json.loads(out) == {"status": "ok"}, out
+
+
+@pytest.mark.needs("web", "app")
+def test_the_addresses_of_one_ipv6_64_share_the_per_address_limits(host):
+    """Two addresses of one /64 burst pages at once: together they get one
+    address's burst (60 at 20/s), so some get 429; with a limit per single
+    address each would have had its own, and none would."""
+    addresses = ["2001:db8:0:7::a", "2001:db8:0:7::b"]
+    for address in addresses:
+        host.run_expect([0], f"ip addr add {address}/128 dev lo")
+    # One curl per address, each sending its 60 requests at once.
+    urls = " ".join(["-o /dev/null https://localhost/"] * 60)
+    burst = " & ".join(f"curl -sk --parallel --parallel-immediate --parallel-max 60 --interface {address} "
+                       "--resolve 'localhost:443:[::1]' "
+                       f"-w '%{{http_code}}\\n' {urls}" for address in addresses)
+    try:
+        codes = host.check_output(f"{burst}; wait").split()
+    finally:
+        for address in addresses:
+            host.run(f"ip addr del {address}/128 dev lo")
+        time.sleep(4)  # the bucket refills for the checks that follow
+    print(f"120 pages from one /64: {codes.count('200')} answered, {codes.count('429')} got 429")
+    assert len(codes) == 120 and set(codes) == {"200", "429"}, sorted(set(codes))

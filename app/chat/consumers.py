@@ -27,9 +27,7 @@ log = logging.getLogger(__name__)
 _dumps = fanout.dumps
 
 
-@reads
-def _frames_since(room_name, since, limit):
-    return [m.as_frame() for m in store.messages_since(room_name, since, limit)]
+_history_since = reads(store.history_frame)
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -124,11 +122,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def handle_history(self, frame):
         since = clean_since(frame.get("since"))
         try:
-            messages = await _frames_since(self.room_name, since, settings.CHAT_HISTORY_PAGE)
+            history = await _history_since(self.room_name, since, settings.CHAT_HISTORY_PAGE)
         except Exception as error:
             log.warning("reading history of room %s failed: %s", self.room_name, fanout.describe(error))
             raise ProtocolError("history_failed", "history cannot be read now; ask again") from error
-        await self.send(text_data=_dumps({"type": "history", "messages": messages}))
+        await self.send(text_data=_dumps(history))
 
     async def handle_ping(self, frame):
         await self.send(text_data=_dumps({"type": "pong"}))

@@ -86,6 +86,19 @@ def recent_messages(room_name, limit):
     return newest
 
 
+def history_frame(room_name, since, limit):
+    """A history frame: up to limit messages after since, and "first", the
+    lowest seq the room still holds, when the messages right after since
+    were pruned (the retention time), so that a client skips them."""
+    messages = [m.as_frame() for m in messages_since(room_name, since, limit)]
+    frame = {"type": "history", "messages": messages}
+    if not messages or messages[0]["seq"] > since + 1:
+        first = Message.objects.filter(room__name=room_name).order_by("seq").values_list("seq", flat=True).first()
+        if first is not None and first > since + 1:
+            frame["first"] = first
+    return frame
+
+
 def messages_since(room_name, since, limit):
     """Up to `limit` messages with seq > since, oldest first."""
     return list(

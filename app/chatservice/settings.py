@@ -165,6 +165,9 @@ CHAT_RATE_BURST = env_int("CHAT_RATE_BURST", 20, minimum=1)
 # behind one NAT address chat (that is 3,000 messages a minute) and keeps
 # one address from storing a thousand a second.
 CHAT_MESSAGES_PER_ADDRESS_PER_SECOND = env_int("CHAT_MESSAGES_PER_ADDRESS_PER_SECOND", 50, minimum=0)
+# Days a message is kept; 0: for ever. The prune runs from a timer
+# (chat-manage prune_messages), not in the request path.
+CHAT_MESSAGE_RETENTION_DAYS = env_int("CHAT_MESSAGE_RETENTION_DAYS", 0, minimum=0)
 CHAT_HISTORY_ON_JOIN = 50
 CHAT_HISTORY_PAGE = 200
 

@@ -145,3 +145,13 @@ def test_store_failed_gives_the_text_back_and_shows_the_error():
                      refused])
     assert page["input"] == "newer"
     assert page["outbox"] == ["me keep me (not sent: store_failed)"]
+
+
+def test_pruned_messages_below_first_are_skipped_not_asked_for_again():
+    """The page saw up to 2, was away while 3..9 were pruned (the retention
+    time), and 10.. came after: the history answer says the room starts at
+    10, and the page goes on from there instead of asking for 3 for ever."""
+    pruned = {"type": "history", "messages": [message(10), message(11)], "first": 10}
+    page = run_page([history(1, 2), message(11), pruned, message(12)])
+    assert page["rendered"] == ["m1", "m2", "m10", "m11", "m12"]
+    assert page["sent"] == [{"type": "history", "since": 2}]

@@ -156,8 +156,19 @@
     if (missing() && !before) requestSince(lastSeq);
   }
 
-  function onHistory(messages) {
+  function onHistory(messages, first) {
     var before = lastSeq;
+    // Messages below `first` were pruned (the retention time): gone, not
+    // missing. Skip over them, or the page would ask for them for ever.
+    if (first && first > lastSeq + 1 && !(lastSeq === 0 && list.childElementCount === 0)) {
+      lastSeq = first - 1;
+      while (waiting.has(lastSeq + 1)) {
+        lastSeq += 1;
+        render(waiting.get(lastSeq));
+        waiting.delete(lastSeq);
+      }
+      waiting.forEach(function (message, seq) { if (seq <= lastSeq) waiting.delete(seq); });
+    }
     messages.forEach(accept);
     // Pages are capped by the server: keep asking while they make progress.
     if (missing() && lastSeq > before) requestSince(lastSeq);
@@ -185,7 +196,7 @@
     } else if (frame.type === "behind") {
       onBehind(frame);
     } else if (frame.type === "history") {
-      onHistory(frame.messages);
+      onHistory(frame.messages, frame.first);
     } else if (frame.type === "error") {
       var post = frame.client_id ? outbox.get(frame.client_id) : undefined;
       if (post) refused(post, frame);

@@ -41,10 +41,16 @@ SOCKETS, SENDERS = 12, 4
 once = on_one_release("CHAT_FAULT_SUITE", "bookworm", "the fault checks that cannot differ between releases")
 # How long a fault may take to heal before the test fails.
 RECOVERY_LIMIT = 60
-# Where a fault leaves Redis and every Daphne running, the least share of
-# what the clients saw that must have come live rather than from history
-# after a gap (reported for every fault as "delivered live").
-LIVE_AT_LEAST = 0.9
+# Where a fault leaves every Daphne running, the least share of what the
+# clients saw that must have come live rather than from history after a gap
+# (reported for every fault as "delivered live"). Measured: 100 % for both
+# Redis faults, the locked database, both full disks and the harness check
+# (two lanes of make test on 2 cores); 87-94 % where a Daphne is killed and
+# its clients catch up, which is not checked against this.
+LIVE_AT_LEAST = 0.95
+# Seconds from Redis answering again until a message reaches every client:
+# 0.3-0.9 s measured (idle and with two lanes of make test), three times that.
+REDIS_RECOVERY_WITHIN = 3.0
 # The least answers each HTTP poller must have had: the shortest fault
 # check lasts about 15 s at 4 polls/s.
 MIN_POLLS = 10
@@ -192,10 +198,10 @@ def test_redis_restart_keeps_sockets_open_and_loses_nothing(host, edge):
         host.run_expect([0], "systemctl restart redis-server")
         recovery = recovery_after(traffic, edge, room, time.monotonic())
         time.sleep(2)
-    account("Redis restart", host, room, counts, recovery, expect_drops=0)
+    account("Redis restart", host, room, counts, recovery, expect_drops=0, live_at_least=LIVE_AT_LEAST)
     assert counts.http_failed == [], counts.http_failed[:5]
     assert counts.ws_failed_handshakes == []
-    assert recovery < 5 + 5, f"messages flowed again only {recovery:.1f} s after Redis answered"
+    assert recovery < REDIS_RECOVERY_WITHIN, f"messages flowed again only {recovery:.1f} s after Redis answered"
     assert tracebacks_since(host, started) == 0
 
 
@@ -222,10 +228,10 @@ def test_redis_stopped_for_10_s(host, edge):
         host.run_expect([0], "systemctl start redis-server")
         recovery = recovery_after(traffic, edge, room, time.monotonic())
         time.sleep(2)
-    account("Redis stopped 10 s", host, room, counts, recovery, expect_drops=0)
+    account("Redis stopped 10 s", host, room, counts, recovery, expect_drops=0, live_at_least=LIVE_AT_LEAST)
     assert counts.http_failed == [], counts.http_failed[:5]
     assert counts.refused == [], "posts during the outage are stored, not refused"
-    assert recovery < 5 + 5, f"messages flowed again only {recovery:.1f} s after Redis answered"
+    assert recovery < REDIS_RECOVERY_WITHIN, f"messages flowed again only {recovery:.1f} s after Redis answered"
     assert tracebacks_since(host, started) == 0
 
 
@@ -473,7 +479,7 @@ def test_the_clients_catch_up_only_after_the_last_posts_are_answered(host, edge)
         _hold_database_lock(host, 4)
         time.sleep(1)  # posts queue behind the lock
     account("posts stored after the traffic ended (harness)", host, room, counts, 0.0, expect_drops=0,
-            refused=None)
+            refused=None, live_at_least=LIVE_AT_LEAST)
     assert counts.late_answers > 0, "no post was answered after the end: the check proved nothing"
     assert counts.refused == [], counts.refused
 

@@ -21,7 +21,8 @@ import uuid
 import pytest
 
 from conftest import app_copy, on_one_release, report, run_playbook
-from test_50_deploy import AT_ONCE, assert_gentle_reconnects, assert_no_failed_request, live_release
+from test_50_deploy import (AT_ONCE, HTTP_PATIENCE, assert_gentle_reconnects, assert_no_failed_request,
+                            live_release)
 from traffic import Traffic
 
 ROOT = "/srv/chat"
@@ -79,7 +80,7 @@ def assert_runs_only(host, servers):
 def move(edge, host, layout, playbook="site.yml", *args):
     """Run playbook with chat_layout=layout under load; the figures go to the report."""
     room = f"layout-{layout}-{uuid.uuid4().hex[:8]}"
-    with Traffic(edge, room, sockets=20, at_once=AT_ONCE) as counts:
+    with Traffic(edge, room, sockets=20, at_once=AT_ONCE, http_timeout=HTTP_PATIENCE) as counts:
         result = run_playbook(playbook, "-e", f"chat_layout={layout}", *args)
     assert result.returncode == 0, result.stdout[-5000:]
     assert host.file(f"{ROOT}/layout").content_string.strip() == layout

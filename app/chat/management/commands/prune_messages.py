@@ -1,6 +1,6 @@
 """chat-manage prune_messages: delete messages older than the retention time.
 
-Run daily by chat-prune.timer where chat_app_message_retention_days is set.
+Run daily by chat-prune-messages.timer where chat_app_message_retention_days is set.
 Each room's seq goes on where it was (Room.last_seq is never lowered), so a
 client's seqs stay unique and increasing; a history frame names the first
 seq the room still holds ("first"), and the page takes what lies below it

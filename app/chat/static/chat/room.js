@@ -135,12 +135,17 @@
     }
     if (message.seq <= lastSeq) return waiting.size > 0;
     waiting.set(message.seq, message);
+    showInOrder();
+    return waiting.size > 0;
+  }
+
+  // Shows what waited for the seq after lastSeq, as long as the next is there.
+  function showInOrder() {
     while (waiting.has(lastSeq + 1)) {
       lastSeq += 1;
       render(waiting.get(lastSeq));
       waiting.delete(lastSeq);
     }
-    return waiting.size > 0;
   }
 
   // True while something below a received or announced seq is still missing.
@@ -162,12 +167,8 @@
     // missing. Skip over them, or the page would ask for them for ever.
     if (first && first > lastSeq + 1 && !(lastSeq === 0 && list.childElementCount === 0)) {
       lastSeq = first - 1;
-      while (waiting.has(lastSeq + 1)) {
-        lastSeq += 1;
-        render(waiting.get(lastSeq));
-        waiting.delete(lastSeq);
-      }
       waiting.forEach(function (message, seq) { if (seq <= lastSeq) waiting.delete(seq); });
+      showInOrder();
     }
     messages.forEach(accept);
     // Pages are capped by the server: keep asking while they make progress.

@@ -116,7 +116,7 @@ ensure_host_image() {
   rootfs="$(mktemp -d /var/tmp/chat-host-rootfs.XXXXXX)"
   log "building $image with debootstrap from $mirror (about a minute)"
   debootstrap --variant=minbase \
-    --include=systemd,systemd-sysv,dbus,python3,python3-apt,sudo,ca-certificates,iproute2,procps \
+    --include=systemd,systemd-sysv,dbus,python3,python3-apt,sudo,ca-certificates,iproute2,procps,openssh-server \
     "$suite" "$rootfs" "$mirror" >"$rootfs.log" 2>&1 \
     || { tail -20 "$rootfs.log" >&2; die "debootstrap failed"; }
   # A container has no kernel modules to load and no console to get a tty on;
@@ -127,6 +127,11 @@ ensure_host_image() {
     ln -sf /dev/null "$rootfs/etc/systemd/system/$unit"
   done
   echo "chat-host" >"$rootfs/etc/hostname"
+  # sshd is there for the hosts that are reached over SSH (the cluster
+  # scenario turns it on, with keys of each host's own); off everywhere else,
+  # and no host keys shared by every host made from the image.
+  rm -f "$rootfs"/etc/ssh/ssh_host_*_key* "$rootfs"/etc/systemd/system/multi-user.target.wants/ssh.service \
+    "$rootfs"/etc/systemd/system/sshd.service "$rootfs"/etc/systemd/system/sockets.target.wants/ssh.socket
   rm -rf "$rootfs/var/cache/apt/archives/"*.deb
   tar -C "$rootfs" -c . | docker import \
     --change 'CMD ["/lib/systemd/systemd"]' \

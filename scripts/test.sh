@@ -12,7 +12,8 @@
 #
 # `all` runs them side by side, because most of a Molecule run waits (on
 # apt, pip, systemd and playbooks under traffic) rather than computes:
-#   lane 0            lint, preflight, app, one after the other
+#   lane 0            lint, preflight, app, one after the other, then it
+#                     takes Molecule jobs like the others
 #   LANES lanes       the Molecule jobs (scenario@release): each lane takes
 #                     the next job of MOLECULE_JOBS as soon as it is free
 # Each step's output goes to its own log in LOG_DIR (none is interleaved);
@@ -28,9 +29,10 @@ LOG_DIR="${CHAT_TEST_LOG_DIR:-/tmp/chat-test-logs}"
 export CHAT_TEST_FAILURES="$LOG_DIR/failed-checks.txt"
 # One line per finished step: name, status, seconds.
 RESULTS="$LOG_DIR/results.txt"
-# Lanes for the Molecule jobs. Two on a 2-core machine: the fault and
-# release checks measure recovery times, which a third concurrent converge
-# would stretch past their bounds.
+# Lanes for the Molecule jobs from the start. Two on a 2-core machine: the
+# fault and release checks measure recovery times, which a third concurrent
+# converge beside lane 0's checks would stretch past their bounds. Lane 0
+# joins them once its own checks are done (about a quarter of the way).
 LANES="${CHAT_TEST_LANES:-2}"
 # The Molecule jobs, longest first, so that the short one fills the lane
 # that frees first (the times measured are in the README's "Tests").
@@ -227,10 +229,14 @@ molecule_lane() {
   return "$rc"
 }
 
+# The queue the lanes take jobs from.
+QUEUE="$LOG_DIR/molecule-queue"
+make_queue() {
+  printf '%s\n' "${MOLECULE_JOBS[@]}" >"$QUEUE"
+}
+
 molecule_lanes() {
   local pids=()
-  QUEUE="$LOG_DIR/molecule-queue"
-  printf '%s\n' "${MOLECULE_JOBS[@]}" >"$QUEUE"
   # Every lane needs the Debian 12 image; build it once before they start.
   image_once bookworm
   for _ in $(seq 1 "$LANES"); do
@@ -267,11 +273,14 @@ case "${1:-all}" in
   molecule)
     # Only the jobs named, if any: scripts/test.sh molecule default@trixie
     [ "$#" -lt 2 ] || MOLECULE_JOBS=("${@:2}")
+    make_queue
     molecule_lanes || true
     ;;
   all)
     ensure_engine
-    { step lint lint || true; step preflight preflight || true; step app app_tests || true; } &
+    make_queue
+    { step lint lint || true; step preflight preflight || true; step app app_tests || true
+      molecule_lane || true; } &
     checks=$!
     molecule_lanes || true
     wait "$checks" || true

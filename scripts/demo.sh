@@ -20,7 +20,7 @@ case "${1:-up}" in
     "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" up "$DEMO_HOST" "$CHAT_PUBLISHED_PORT" "$CHAT_PUBLISHED_TLS_PORT"
     log "deploying with: ansible-playbook site.yml -i inventories/local"
     (cd "$REPO_ROOT" && ansible-playbook site.yml -i inventories/local)
-    log "the chat is at https://localhost:$CHAT_PUBLISHED_TLS_PORT/ (self-signed certificate: see README.md, 'HTTPS')"
+    log "the chat is at https://localhost:$CHAT_PUBLISHED_TLS_PORT/ (self-signed certificate: see docs/operating.md, 'HTTPS certificates')"
     ;;
   down)
     ensure_toolchain

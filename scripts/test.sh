@@ -231,14 +231,10 @@ molecule_lane() {
   return "$rc"
 }
 
-# The queue the lanes take jobs from.
-QUEUE="$LOG_DIR/molecule-queue"
-make_queue() {
-  printf '%s\n' "${MOLECULE_JOBS[@]}" >"$QUEUE"
-}
-
 molecule_lanes() {
   local pids=()
+  QUEUE="$LOG_DIR/molecule-queue"
+  printf '%s\n' "${MOLECULE_JOBS[@]}" >"$QUEUE"
   # Every lane needs the Debian 12 image; build it once before they start.
   image_once bookworm
   for _ in $(seq 1 "$LANES"); do
@@ -275,12 +271,10 @@ case "${1:-all}" in
   molecule)
     # Only the jobs named, if any: scripts/test.sh molecule default@trixie
     [ "$#" -lt 2 ] || MOLECULE_JOBS=("${@:2}")
-    make_queue
     molecule_lanes || true
     ;;
   all)
     ensure_engine
-    make_queue
     { step lint lint || true; step preflight preflight || true; step app app_tests || true; } &
     checks=$!
     molecule_lanes || true

@@ -1,215 +1,23 @@
-"""Shared fixtures for the Molecule scenarios' verify step.
+"""Pytest's hooks and the fixtures of the Molecule scenarios' verify step.
 
-Checks run in two places: on the host through testinfra (`host`), and from
-the controller through Nginx's published port with real HTTP and WebSocket
-clients (`edge`), the way a browser reaches the service.
+Checks run on the host through testinfra (`host`) and from the controller
+through Nginx's published port (`edge`); the clients and helpers they use
+are in clients.py.
 """
 
-import json
 import os
-import re
-import shutil
-import socket
-import ssl
-import subprocess
-import time
-import urllib.error
-import urllib.request
 
-import docker
 import pytest
-import testinfra
 import testinfra.utils.ansible_runner
-from websockets.client import ClientProtocol
-from websockets.exceptions import ConnectionClosed
-from websockets.frames import Opcode
-from websockets.http11 import Response
-from websockets.protocol import State
-from websockets.uri import parse_uri
 
-INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
-REPO = os.environ["MOLECULE_PROJECT_DIRECTORY"]
+from clients import INVENTORY, REPORTS, edge_of, groups_of
+
 testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("all")
-
-
-class WebSocket:
-    """A WebSocket client on one thread, with websockets' sans-I/O protocol.
-
-    websockets' own sync client reads on a background thread while the
-    caller writes on the same TLS socket; through Nginx's TLS about one
-    handshake in 300 then never saw its 101 (Nginx logged it as sent) and
-    blocked for a minute. Reading and writing on one thread avoids that.
-    """
-
-    def __init__(self, url, origin, ssl_context, timeout):
-        uri = parse_uri(url)
-        self.protocol = ClientProtocol(uri, origin=origin)
-        self.pending = []
-        raw = socket.create_connection((uri.host, uri.port), timeout=timeout)
-        self.sock = ssl_context.wrap_socket(raw, server_hostname=uri.host) if uri.secure else raw
-        try:
-            self.protocol.send_request(self.protocol.connect())
-            self._flush()
-            deadline = time.monotonic() + timeout
-            while self.protocol.state is State.CONNECTING and self.protocol.handshake_exc is None:
-                self._read(deadline)
-            if self.protocol.handshake_exc is not None:
-                raise self.protocol.handshake_exc
-            # The handshake's Response is the first event; frames may follow it.
-            self.pending = [e for e in self.pending if not isinstance(e, Response)]
-        except BaseException:
-            self.sock.close()
-            raise
-
-    def _flush(self):
-        for data in self.protocol.data_to_send():
-            if data:
-                self.sock.sendall(data)
-
-    def _read(self, deadline):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("no answer from the server in time")
-        self.sock.settimeout(remaining)
-        data = self.sock.recv(65536)
-        if data:
-            self.protocol.receive_data(data)
-        else:
-            self.protocol.receive_eof()
-        self.pending += self.protocol.events_received()
-        self._flush()
-        if not data and self.protocol.state is State.CONNECTING and self.protocol.handshake_exc is None:
-            raise ConnectionError("the server closed the connection during the handshake")
-
-    def send(self, text):
-        self.protocol.send_text(text.encode())
-        self._flush()
-
-    def recv(self, timeout=10):
-        """The next text or binary message; ConnectionClosed once the server closed."""
-        deadline = time.monotonic() + timeout
-        while True:
-            while self.pending:
-                frame = self.pending.pop(0)
-                if frame.opcode in (Opcode.TEXT, Opcode.BINARY):
-                    return frame.data.decode() if frame.opcode is Opcode.TEXT else frame.data
-            if self.protocol.state is State.CLOSED:
-                raise self.protocol.close_exc
-            if self.protocol.close_rcvd is not None:
-                # The server's close frame came; its TCP close may not have yet
-                # (close_exc is only defined once CLOSED).
-                sent = self.protocol.close_sent
-                raise ConnectionClosed(self.protocol.close_rcvd, sent, True if sent is not None else None)
-            self._read(deadline)
-
-    def close(self):
-        try:
-            if self.protocol.state is State.OPEN:
-                self.protocol.send_close(1000)
-                self._flush()
-            deadline = time.monotonic() + 2
-            while self.protocol.state is not State.CLOSED and time.monotonic() < deadline:
-                self._read(deadline)
-        except (OSError, TimeoutError):
-            pass
-        finally:
-            self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class Edge:
-    """The service as a client sees it: Nginx's https on 127.0.0.1:<published port>.
-
-    Clients use the name localhost (which resolves to 127.0.0.1 only here):
-    a client sends no SNI for an IP address, and the catch-all server refuses
-    a TLS handshake without a name. The host's certificate is trusted by
-    pinning it (`cadata`), so name and chain are still verified.
-    """
-
-    def __init__(self, http_port, tls_port, certificate_pem):
-        self.http_port, self.tls_port = int(http_port), int(tls_port)
-        self.base = f"https://localhost:{tls_port}"
-        self.ws_base = f"wss://localhost:{tls_port}"
-        self.http_base = f"http://localhost:{http_port}"
-        self.certificate_pem = certificate_pem
-        self.ssl = self.ssl_context()
-        # AllowedHostsOriginValidator answers a handshake without a matching
-        # Origin with 403, so clients send the site's own origin.
-        self.origin = self.base
-        self._opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=self.ssl))
-
-    def ssl_context(self):
-        """A fresh client context that trusts the host's certificate only."""
-        return ssl.create_default_context(cadata=self.certificate_pem)
-
-    def request(self, url, method="GET", headers=None, timeout=10):
-        """One request to a full URL; returns (status, headers, body), no exception on 4xx/5xx."""
-        req = urllib.request.Request(url, method=method, headers=headers or {})
-        try:
-            with self._opener.open(req, timeout=timeout) as response:
-                return response.status, response.headers, response.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.headers, error.read().decode()
-
-    def get(self, path, timeout=10):
-        """GET path over https; returns (status, body) without raising on 4xx/5xx."""
-        status, _, body = self.request(self.base + path, timeout=timeout)
-        return status, body
-
-    def get_json(self, path):
-        status, body = self.get(path)
-        return status, json.loads(body)
-
-    def websocket(self, path, origin=None, timeout=10):
-        return WebSocket(self.ws_base + path, origin or self.origin, self.ssl, timeout)
-
-    def receive(self, ws, timeout=10):
-        return json.loads(ws.recv(timeout=timeout))
-
-    def healthy_once(self):
-        """One HTTP health check and one WebSocket health check, both through Nginx."""
-        status, body = self.get("/healthz", timeout=5)
-        assert status == 200, f"/healthz answered {status}: {body[:200]}"
-        with self.websocket("/ws/health/", timeout=5) as ws:
-            assert self.receive(ws, timeout=5)["interface"] == "asgi"
-
-    def wait_healthy(self, timeout=60, in_a_row=10):
-        """Wait until both halves answer `in_a_row` times running.
-
-        Several in a row, because each Nginx worker and each upstream server
-        answers on its own: one success proves only one path.
-        """
-        deadline = time.monotonic() + timeout
-        streak, last = 0, None
-        while streak < in_a_row:
-            if time.monotonic() > deadline:
-                pytest.fail(f"the service did not become healthy in {timeout} s: {last}")
-            try:
-                self.healthy_once()
-                streak += 1
-            except Exception as error:  # any failure means: not up yet
-                streak, last = 0, repr(error)
-                time.sleep(1)
 
 
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "needs(*groups): run only on hosts in every one of these inventory groups")
-
-
-def groups_of(host):
-    """The inventory groups the host is in (web, app, redis, db)."""
-    return set(host.ansible.get_variables()["group_names"])
-
-
-def inventory_groups(host):
-    """Every group of the inventory, with its hosts."""
-    return host.ansible.get_variables()["groups"]
 
 
 def pytest_runtest_setup(item):
@@ -227,31 +35,6 @@ def pytest_runtest_setup(item):
     missing = wanted - groups_of(host)
     if missing:
         pytest.skip(f"SKIPPED: {host.backend.get_hostname()} is not in group(s) {', '.join(sorted(missing))}")
-
-
-def static_manifest(host):
-    """collectstatic's manifest where this web host's Nginx serves static files from."""
-    for folder in ("/srv/chat/current/staticfiles", "/srv/chat/static"):
-        if host.file(f"{folder}/staticfiles.json").exists:
-            return json.loads(host.file(f"{folder}/staticfiles.json").content_string)
-    pytest.fail("no staticfiles.json on the host")
-
-
-def _published_port(container_name, port):
-    container = docker.from_env().containers.get(container_name)
-    return container.ports[port][0]["HostPort"]
-
-
-def inventory_host(name):
-    """A host of the scenario's inventory, by name, for checks that span hosts."""
-    return testinfra.get_host(f"ansible://{name}?ansible_inventory={INVENTORY}")
-
-
-def edge_of(web_host):
-    """A web host's Nginx, as published on 127.0.0.1."""
-    name = web_host.backend.get_hostname()
-    certificate = web_host.file("/etc/nginx/tls/chat.crt").content_string
-    return Edge(_published_port(name, "80/tcp"), _published_port(name, "443/tcp"), certificate)
 
 
 @pytest.fixture(scope="module")
@@ -272,14 +55,6 @@ def daphne_instances(host):
     return instances
 
 
-_REPORTS = []
-
-
-def report(line):
-    """A measured figure, printed in the run's summary (pytest captures print())."""
-    _REPORTS.append(line)
-
-
 def pytest_runtest_logreport(report):
     """Each failed check on one line in CHAT_TEST_FAILURES, for make test's digest
     (Molecule wraps pytest's own summary across lines)."""
@@ -294,74 +69,7 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _REPORTS:
+    if REPORTS:
         terminalreporter.section("measured")
-        for line in _REPORTS:
+        for line in REPORTS:
             terminalreporter.write_line(line)
-
-
-def on_one_release(variable, default, what):
-    """A pytestmark for checks that take minutes: they run in the default
-    scenario on one Debian release only (variable, an environment variable,
-    chooses it; the checks of the other release's run cover the rest)."""
-    scenario = os.path.basename(os.environ.get("MOLECULE_SCENARIO_DIRECTORY", ""))
-    wanted = os.environ.get(variable, default)
-    suite = os.environ.get("CHAT_HOST_SUITE", "bookworm")
-    return pytest.mark.skipif(
-        scenario != "default" or suite != wanted,
-        reason=f"SKIPPED: {what} run in the default scenario on {wanted} only "
-               f"(this is {scenario} on {suite}; {variable} chooses)")
-
-
-def playbook_command(playbook, *args):
-    return ["ansible-playbook", os.path.join(REPO, playbook), "-i", INVENTORY, *args]
-
-
-def playbook_env(**extra):
-    """Output the tests can search: no colours, results as JSON (not wrapped YAML)."""
-    return {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0",
-            "ANSIBLE_CALLBACK_RESULT_FORMAT": "json", **extra}
-
-
-def inventory_value(host_name, variable):
-    """A variable as Ansible resolves it for host_name (secrets decrypted from a vault)."""
-    result = subprocess.run(
-        ["ansible", host_name, "-i", INVENTORY, "-m", "ansible.builtin.debug", "-a", f"var={variable}"],
-        cwd=REPO, env=playbook_env(ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="json"),
-        capture_output=True, text=True, timeout=120, check=True)
-    # The scenario's timer callbacks print after the JSON document: read it alone.
-    document, _ = json.JSONDecoder().raw_decode(result.stdout[result.stdout.index("{"):])
-    return document["plays"][0]["tasks"][0]["hosts"][host_name][variable]
-
-
-def run_playbook(playbook, *args, timeout=900, env=None):
-    """ansible-playbook against the scenario's hosts, as Molecule's converge runs it.
-
-    playbook is relative to the repository (site.yml, playbooks/deploy.yml).
-    Returns the CompletedProcess, with the run's duration as .seconds.
-    """
-    started = time.monotonic()
-    # Ansible writes failures to stderr: one stream keeps them in order.
-    result = subprocess.run(playbook_command(playbook, *args), cwd=REPO, env=playbook_env(**(env or {})),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            timeout=timeout)
-    result.seconds = time.monotonic() - started
-    return result
-
-
-def changed_per_host(output):
-    """From an ansible-playbook run's recap: {host: number of changed tasks}."""
-    return {host: int(changed) for host, changed in
-            re.findall(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", output, re.MULTILINE)}
-
-
-def app_copy(tmp_path, name, change=None):
-    """A copy of app/ to ship as another release; change(path) edits it."""
-    target = tmp_path / name
-    shutil.copytree(os.path.join(REPO, "app"), target, ignore=shutil.ignore_patterns(
-        ".venv*", "__pycache__", "*.pyc", ".pytest_cache", "staticfiles", "db.sqlite3*"))
-    # Any new file makes a new release id; the lock file stays the same.
-    (target / "DEPLOY_MARK").write_text(f"{name} {time.time()}\n")
-    if change:
-        change(target)
-    return target

@@ -3,7 +3,7 @@
 import re
 
 import pytest
-from conftest import inventory_value
+from clients import inventory_value
 
 APP_UNITS = ["chat-gunicorn.socket", "chat-gunicorn.service"]
 

@@ -4,7 +4,7 @@ import http.client
 
 import docker
 import pytest
-from conftest import groups_of
+from clients import groups_of
 
 PROBE_PORT = "9999"  # a string: testinfra quotes its arguments
 

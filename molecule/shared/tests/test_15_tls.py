@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from conftest import static_manifest
+from clients import static_manifest
 
 
 def handshake(edge, context, server_name="localhost"):

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import inventory_value
+from clients import inventory_value
 
 # The app's Redis URL is read from its env file, and redis-cli runs on the
 # Redis host: both on one host (the cluster proves its own Redis access).

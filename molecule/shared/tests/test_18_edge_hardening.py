@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from conftest import on_one_release, report, run_playbook, static_manifest
+from clients import on_one_release, report, run_playbook, static_manifest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 CSP = "default-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'"

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from conftest import edge_of, groups_of, inventory_groups, inventory_host, inventory_value
+from clients import edge_of, groups_of, inventory_groups, inventory_host, inventory_value
 
 
 @pytest.fixture(scope="module")

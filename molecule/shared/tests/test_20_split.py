@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from conftest import static_manifest
+from clients import static_manifest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from conftest import inventory_value
+from clients import inventory_value
 
 UNIT = "chat-prune-messages"
 

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from conftest import REPO, app_copy, on_one_release, playbook_command, playbook_env, report, run_playbook
+from clients import REPO, app_copy, on_one_release, playbook_command, playbook_env, report, run_playbook
 from traffic import Traffic
 
 CLOSE_SERVICE_RESTART = 1012

@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-from conftest import app_copy, on_one_release, report, run_playbook
+from clients import app_copy, on_one_release, report, run_playbook
 from test_50_deploy import (AT_ONCE, HTTP_PATIENCE, assert_gentle_reconnects, assert_no_failed_request,
                             live_release)
 from traffic import Traffic

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import changed_per_host, playbook_env, run_playbook
+from clients import changed_per_host, playbook_env, run_playbook
 
 SCENARIO = os.environ.get("MOLECULE_SCENARIO_DIRECTORY", "")
 VAULT = os.path.join(SCENARIO, "group_vars", "all", "vault.yml")

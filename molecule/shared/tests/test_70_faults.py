@@ -26,7 +26,7 @@ import uuid
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from conftest import on_one_release, report
+from clients import on_one_release, report
 from traffic import Traffic
 
 CLOSE_TRY_AGAIN_LATER = 1013

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import _published_port, report
+from clients import _published_port, report
 
 NAME = "chat.acme.test"
 LIVE = f"/etc/letsencrypt/live/{NAME}"

@@ -19,7 +19,7 @@ import testinfra.utils.ansible_runner
 import yaml
 from websockets.exceptions import InvalidStatus
 
-from conftest import INVENTORY, WebSocket, changed_per_host, edge_of, inventory_host, report, run_playbook
+from clients import INVENTORY, WebSocket, changed_per_host, edge_of, inventory_host, report, run_playbook
 from test_19_database import pg_query
 from test_70_faults import SENDERS, SOCKETS, _health_check_fails, account, new_room, recovery_after, room_traffic
 from traffic import Traffic

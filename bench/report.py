@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Tables and a plot from a results folder of bench.sh, or ratios between two.
 
+The raw samples are read from RESULTS/samples.json.xz (samples.py), wrk's
+output from RESULTS/*.wrk.txt.
+
     report.py table RESULTS     writes RESULTS/results.md and RESULTS/plot.png
     report.py compare A B       prints B/A for every figure both folders have
     report.py layouts RESULTS   the layout matrix (scripts/bench.sh layouts): a
@@ -9,15 +12,16 @@
                                 RESULTS/results.md and RESULTS/layouts.png
 """
 
-import json
 import pathlib
 import re
 import sys
 
+import samples
+
 
 def load(folder):
     folder = pathlib.Path(folder)
-    results = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    results = samples.load(folder)
     for path in sorted(folder.glob("*.wrk.txt")):
         results[path.name[: -len(".wrk.txt")]] = parse_wrk(path.read_text())
     return results

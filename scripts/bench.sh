@@ -5,6 +5,8 @@
 # the others with taskset, and traffic only to that container: https on its
 # port 443 with the name localhost, as a browser of the site would.
 #   scripts/bench.sh [run] [NAME]    deploy, measure, write bench/results/NAME/
+#                                    (results.md, plot.png, commands, and the
+#                                    raw samples in samples.json.xz)
 #   scripts/bench.sh measure NAME [SCENARIO...]
 #                                    measure the host deployed by run again,
 #                                    only the named scenarios (e.g. fanout-100),
@@ -30,7 +32,9 @@
 # CHAT_BENCH_NAME, CHAT_BENCH_PORT and CHAT_BENCH_TLS_PORT the container and
 # the ports it publishes on 127.0.0.1 (http, which only redirects, and https),
 # so that two checkouts can benchmark side by side.
-# shellcheck source=scripts/lib.sh
+# lint follows lib.sh (shellcheck -x); a plain `shellcheck scripts/bench.sh`
+# passes too, without it.
+# shellcheck source=scripts/lib.sh disable=SC1091
 source "$(dirname "$0")/lib.sh"
 
 BENCH_HOST="${CHAT_BENCH_NAME:-chat-bench}"
@@ -139,7 +143,13 @@ wait_for_quiet() {
   done
 }
 
-# One scenario: the exact command, the load average around it, its JSON.
+# The raw samples of a results folder: one xz-compressed JSON object,
+# RESULTS/samples.json.xz, that maps each scenario's file name (fanout-100.json,
+# memory.json, ...) to its JSON (bench/samples.py; report.py reads it).
+samples() { "$BENCH_VENV/bin/python" "$REPO_ROOT/bench/samples.py" "$@"; }
+
+# One scenario: the exact command, the load average around it, its JSON,
+# stored as NAME.json in the folder's samples.json.xz.
 scenario() {
   local name="$1"; shift
   local cmd=(taskset -c "$CLIENT_CPUS" "$BENCH_VENV/bin/python" "$REPO_ROOT/bench/loadgen.py" "$@")
@@ -153,13 +163,8 @@ scenario() {
     rm -f "$RESULTS/$name.json.tmp"
     return 0
   fi
-  "$BENCH_VENV/bin/python" - "$RESULTS/$name.json.tmp" "$before" "$(loadavg)" <<'EOF'
-import json, sys
-path, before, after = sys.argv[1:]
-data = json.load(open(path))
-data["loadavg_before"], data["loadavg_after"] = before, after
-json.dump(data, open(path[:-4], "w"), indent=1)
-EOF
+  samples add "$RESULTS" "$name.json" "$RESULTS/$name.json.tmp" \
+    --set "loadavg_before=$before" --set "loadavg_after=$(loadavg)"
   rm -f "$RESULTS/$name.json.tmp"
 }
 
@@ -230,7 +235,7 @@ memory_at_rest() {
     <"$REPO_ROOT/bench/server-rss.sh" | awk '{n++; s += $1} END {print s + 0, n + 0}')"
   nginx="$(docker exec -i "$BENCH_HOST" sh -s -- nginx.service <"$REPO_ROOT/bench/server-rss.sh" | awk '{s += $1} END {print s + 0}')"
   printf '{"scenario": "memory", "app_servers_rss_kib": %s, "app_server_processes": %s, "nginx_rss_kib": %s}\n' \
-    "${app% *}" "${app#* }" "$nginx" >"$RESULTS/memory.json"
+    "${app% *}" "${app#* }" "$nginx" | samples add "$RESULTS" memory.json
 }
 
 # Runs the scenarios named in "$@" (all of them when none is) against the
@@ -306,6 +311,9 @@ measure() {
     --rss-cmd "docker exec -i $BENCH_HOST sh < $REPO_ROOT/bench/server-rss.sh"
   in_host ss -s >"$RESULTS/ss-after.txt" 2>&1 || true
 
+  # A folder from before samples.json.xz, measured into again: its loose
+  # JSON goes into the archive too.
+  samples pack "$RESULTS" >/dev/null
   "$BENCH_VENV/bin/python" "$REPO_ROOT/bench/report.py" table "$RESULTS" >/dev/null
   log "results: $RESULTS/results.md"
 }

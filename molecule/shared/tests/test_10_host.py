@@ -32,7 +32,7 @@ def sizing(host):
     name = host.backend.get_hostname()
     return {key: int(inventory_value(name, variable)) for key, variable in (
         ("websocket_capacity", "nginx_websocket_capacity"),
-        ("handshake_burst", "chat_handshake_burst|default(10000)"),
+        ("handshake_burst", "chat_handshake_burst"),
         ("reserved_descriptors", "nginx_worker_reserved_descriptors"),
         ("listen_backlog", "nginx_listen_backlog"))}
 
@@ -96,6 +96,18 @@ def test_every_daphne_instance_active_and_enabled(host, daphne_instances):
             service = host.service(unit)
             assert service.is_running, f"{unit} is not active"
             assert service.is_enabled, f"{unit} is not enabled at boot"
+
+
+@pytest.mark.needs("app")
+def test_the_host_reports_what_it_serves_as_local_facts(host):
+    """ansible_local.chat, as Ansible reads it (the layout Nginx routes by, and
+    whether the host takes requests): the release `current` points at, and the
+    layout recorded after the last gate."""
+    answer = host.ansible("ansible.builtin.setup", "gather_subset=!all,!min,local", check=False, become=True)
+    release = host.file("/srv/chat/current").linked_to.rsplit("/", 1)[-1]
+    layout = host.file("/srv/chat/layout").content_string.strip()
+    assert answer["ansible_facts"]["ansible_local"]["chat"] == {"serving": True, "release": release, "layout": layout}
+    assert layout in ("split", "daphne", "uvicorn")
 
 
 def test_system_not_degraded(host):

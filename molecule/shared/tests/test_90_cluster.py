@@ -342,10 +342,12 @@ def test_a_third_app_host_joins_a_running_cluster_without_a_failed_request(lb, e
     # removed afterwards, as Molecule reads every file of that folder.
     joined = os.path.join(os.path.dirname(INVENTORY), "zz-joined.yml")
     with open(joined, "w") as out:
+        # In group app, and in the environment's group, whose settings it takes.
         out.write(yaml.safe_dump({"app": {"hosts": {spare["instance"]: {
             "ansible_host": spare["address"], "ansible_port": spare["port"], "ansible_user": spare["user"],
             "ansible_private_key_file": spare["identity_file"],
-            "ansible_ssh_common_args": like["ansible_ssh_common_args"]}}}}))
+            "ansible_ssh_common_args": like["ansible_ssh_common_args"]}}},
+            "staging": {"hosts": {spare["instance"]: {}}}}))
     room = new_room("join")
     try:
         with Traffic(edge, room, http_clients=4, sockets=20, senders=2, max_seconds=900) as counts:

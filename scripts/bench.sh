@@ -78,8 +78,8 @@ add_ceiling_server() {
 server {
 	listen 8081 reuseport;
 	listen 8444 ssl reuseport;
-	ssl_certificate /etc/nginx/tls/chat.crt;
-	ssl_certificate_key /etc/nginx/tls/chat.key;
+	ssl_certificate /etc/chat/tls/chat.crt;
+	ssl_certificate_key /etc/chat/tls/chat.key;
 	access_log off;
 	location / { return 200 "ok\n"; }
 }
@@ -244,7 +244,7 @@ measure() {
   local only=" $* "
   wanted() { [ "$only" = "  " ] || [[ "$only" == *" $1 "* ]]; }
   docker update --cpuset-cpus "$SERVER_CPUS" "$BENCH_HOST" >/dev/null
-  in_host cat /etc/nginx/tls/chat.crt >"$SITE_CERT"
+  in_host cat /etc/chat/tls/chat.crt >"$SITE_CERT"
 
   local ip pid gunicorn
   ip="$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$BENCH_HOST")"

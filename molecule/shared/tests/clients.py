@@ -226,7 +226,7 @@ def inventory_host(name):
 def edge_of(web_host):
     """A web host's Nginx, as published on 127.0.0.1."""
     name = web_host.backend.get_hostname()
-    certificate = web_host.file("/etc/nginx/tls/chat.crt").content_string
+    certificate = web_host.file("/etc/chat/tls/chat.crt").content_string
     return Edge(_published_port(name, "80/tcp"), _published_port(name, "443/tcp"), certificate)
 
 

@@ -68,8 +68,8 @@ def test_certificate_issued_by_pebble_and_served(host, site):
     assert status == 200
     assert issuer["commonName"].startswith("Pebble Intermediate CA"), issuer
     assert der == live_certificate(host), "Nginx serves certbot's live certificate"
-    assert host.check_output("readlink /etc/nginx/tls/chat.crt") == f"{LIVE}/fullchain.pem"
-    assert host.check_output("readlink /etc/nginx/tls/chat.key") == f"{LIVE}/privkey.pem"
+    assert host.check_output("readlink /etc/chat/tls/chat.crt") == f"{LIVE}/fullchain.pem"
+    assert host.check_output("readlink /etc/chat/tls/chat.key") == f"{LIVE}/privkey.pem"
 
 
 def challenges_served(host):
@@ -88,7 +88,7 @@ def test_the_ca_fetched_its_challenge_through_port_80(host):
 def test_renewal_runs_from_certbots_timer(host):
     assert host.service("certbot.timer").is_enabled
     assert host.service("certbot.timer").is_running
-    hook = host.file("/etc/letsencrypt/renewal-hooks/deploy/reload-nginx")
+    hook = host.file("/etc/letsencrypt/renewal-hooks/deploy/reload-chat")
     assert hook.mode == 0o755 and hook.user == "root"
     # What the timer starts: nothing is due yet, and it says so without error.
     host.run_expect([0], "systemctl start certbot.service")

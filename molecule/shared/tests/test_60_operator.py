@@ -13,7 +13,7 @@ import yaml
 from clients import changed_per_host, playbook_env, run_playbook
 
 SCENARIO = os.environ.get("MOLECULE_SCENARIO_DIRECTORY", "")
-VAULT = os.path.join(SCENARIO, "group_vars", "all", "vault.yml")
+VAULT = os.path.join(SCENARIO, "group_vars", "staging", "vault.yml")
 
 
 @pytest.fixture(scope="module", autouse=True)

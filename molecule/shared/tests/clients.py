@@ -8,6 +8,7 @@ inventory, run its playbooks and record the figures a run reports.
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import ssl
@@ -15,6 +16,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 
 import docker
 import pytest
@@ -304,3 +306,40 @@ def app_copy(tmp_path, name, change=None):
     if change:
         change(target)
     return target
+
+
+def post_probe(edge, room, timeout=60):
+    """Posts one message through a fresh socket, retrying until it is echoed; returns its seq."""
+    deadline = time.monotonic() + timeout
+    body = f"probe {uuid.uuid4().hex}"
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with edge.websocket(f"/ws/chat/{room}/", timeout=10) as ws:
+                edge.receive(ws)  # the join history
+                ws.send(f'{{"type": "message", "nickname": "probe", "body": "{body}"}}')
+                while True:
+                    frame = edge.receive(ws, timeout=10)
+                    messages = frame.get("messages", [frame])
+                    for message in messages:
+                        if message.get("body") == body:
+                            return message["seq"]
+                    if frame["type"] == "error":
+                        raise AssertionError(f"probe refused: {frame}")
+        except (OSError, TimeoutError, ConnectionClosed, AssertionError) as error:
+            last = error
+            time.sleep(0.5)
+    raise AssertionError(f"no message could be posted in {timeout} s: {last!r}")
+
+
+def stored_messages(host, room):
+    """Every message of the room as the database holds it, {seq: body}.
+
+    Read by the app's own manage.py on an app host (SQLite or PostgreSQL
+    alike), not through the service: a check of "nothing lost" must not
+    trust the code it checks.
+    """
+    query = ("import json; from chat.models import Message; print(json.dumps(list("
+             f"Message.objects.filter(room__name={room!r}).order_by('seq').values_list('seq', 'body'))))")
+    out = host.check_output(f"chat-manage shell -c {shlex.quote(query)}")
+    return dict(json.loads(out.strip().splitlines()[-1]))

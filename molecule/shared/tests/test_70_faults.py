@@ -18,7 +18,6 @@ The figures go to the "measured" section of the run. Every fault is undone
 in a finalizer, and the host must answer healthily before the next test.
 """
 
-import json
 import shlex
 import time
 import uuid
@@ -26,7 +25,7 @@ import uuid
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from clients import on_one_release, report
+from clients import on_one_release, post_probe, report, stored_messages
 from traffic import Traffic
 
 CLOSE_TRY_AGAIN_LATER = 1013
@@ -71,43 +70,6 @@ def healthy_after(host, edge, daphne_instances):
 
 def new_room(name):
     return f"fault-{name}-{uuid.uuid4().hex[:8]}"
-
-
-def post_probe(edge, room, timeout=RECOVERY_LIMIT):
-    """Posts one message through a fresh socket, retrying until it is echoed; returns its seq."""
-    deadline = time.monotonic() + timeout
-    body = f"probe {uuid.uuid4().hex}"
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            with edge.websocket(f"/ws/chat/{room}/", timeout=10) as ws:
-                edge.receive(ws)  # the join history
-                ws.send(f'{{"type": "message", "nickname": "probe", "body": "{body}"}}')
-                while True:
-                    frame = edge.receive(ws, timeout=10)
-                    messages = frame.get("messages", [frame])
-                    for message in messages:
-                        if message.get("body") == body:
-                            return message["seq"]
-                    if frame["type"] == "error":
-                        raise AssertionError(f"probe refused: {frame}")
-        except (OSError, TimeoutError, ConnectionClosed, AssertionError) as error:
-            last = error
-            time.sleep(0.5)
-    raise AssertionError(f"no message could be posted in {timeout} s: {last!r}")
-
-
-def stored_messages(host, room):
-    """Every message of the room as the database holds it, {seq: body}.
-
-    Read by the app's own manage.py on an app host (SQLite or PostgreSQL
-    alike), not through the service: a check of "nothing lost" must not
-    trust the code it checks.
-    """
-    query = ("import json; from chat.models import Message; print(json.dumps(list("
-             f"Message.objects.filter(room__name={room!r}).order_by('seq').values_list('seq', 'body'))))")
-    out = host.check_output(f"chat-manage shell -c {shlex.quote(query)}")
-    return dict(json.loads(out.strip().splitlines()[-1]))
 
 
 def recovery_after(traffic, edge, room, fault_end):

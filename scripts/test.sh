@@ -271,6 +271,9 @@ case "${1:-all}" in
   molecule)
     # Only the jobs named, if any: scripts/test.sh molecule default@trixie
     [ "$#" -lt 2 ] || MOLECULE_JOBS=("${@:2}")
+    # Before any lane takes an image lock: a dockerd started under it would
+    # inherit the lock's descriptor and hold it for ever.
+    ensure_engine
     molecule_lanes || true
     ;;
   all)

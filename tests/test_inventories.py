@@ -28,10 +28,10 @@ def plain(value):
 
 
 def environment(name):
-    """The environment's one host, and the shared defaults its group_vars change (plain values only)."""
+    """The environment's web host, and the shared defaults its group_vars change (plain values only)."""
     inventory = yaml.safe_load((REPO / "inventories" / name / "hosts.yml").read_text())
     tiers = inventory["all"]["children"][name]["children"]
-    (host,) = {host for tier in tiers.values() for host in tier["hosts"]}
+    host = next(iter(tiers["web"]["hosts"]))
     overrides = {}
     for path in sorted((REPO / "inventories" / name / "group_vars" / name).glob("*.yml")):
         for key, value in (yaml.safe_load(path.read_text()) or {}).items():

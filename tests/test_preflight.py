@@ -268,3 +268,39 @@ def test_site_syntax(environment):
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+DB_PASSWORD = "chat_db_password: " + "d" * 32 + "\n"
+
+
+def test_postgresql_without_a_backup_host_is_refused(tmp_path):
+    """Backups on: pgBackRest's repository needs a host of its own."""
+    inventory = write_inventory(tmp_path, ["web", "app", "redis", "db"], DB_PASSWORD)
+    rc, output = run_site(inventory)
+    assert_refused_before_any_change(rc, output, "no host is in group 'backup'", "chat_backups_enabled: false")
+
+
+def test_postgresql_without_backups_on_purpose_passes_preflight(tmp_path):
+    """The control for the test above: backups turned off on purpose."""
+    inventory = write_inventory(tmp_path, ["web", "app", "redis", "db"], DB_PASSWORD + "chat_backups_enabled: false\n")
+    rc, output = run_site(inventory, "--tags", "never")
+    assert rc == 0, output[-3000:]
+
+
+def test_the_backup_host_may_not_be_the_db_host(tmp_path):
+    inventory = write_inventory(tmp_path, ["web", "app", "redis", "db", "backup"], DB_PASSWORD)
+    rc, output = run_site(inventory)
+    assert_refused_before_any_change(rc, output, "a backup on the disk it protects is lost with it")
+
+
+@pytest.mark.parametrize("passphrase", ["", "short", "b" * 31 + "'", "d" * 32],
+                         ids=["missing", "short", "unsafe", "same as the db password"])
+def test_backup_passphrase_is_checked(tmp_path, passphrase):
+    inventory = write_inventory(tmp_path, ["web", "app", "redis", "db"],
+                                DB_PASSWORD + f"chat_backup_passphrase: \"{passphrase}\"\n")
+    # Another host holds the repository: the passphrase is what is wrong.
+    (tmp_path / "hosts.yml").write_text((tmp_path / "hosts.yml").read_text()
+                                        + "        backup:\n          hosts:\n            other:\n"
+                                        + "              chat_private_address: 192.0.2.8\n")
+    rc, output = run_site(inventory)
+    assert_refused_before_any_change(rc, output, "chat_backup_passphrase")

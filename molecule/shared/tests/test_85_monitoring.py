@@ -55,8 +55,11 @@ def wait(condition, timeout, what):
 
 
 def test_every_target_is_up_and_named_after_its_host(monitor):
-    seconds, up = wait(lambda: all(t["health"] == "up" for t in targets(monitor)) and targets(monitor),
-                       90, "every target up")
+    def all_up():
+        current = targets(monitor)
+        return current if current and all(t["health"] == "up" for t in current) else None
+
+    seconds, up = wait(all_up, 90, "every target up")
     nodes = {t["labels"]["instance"] for t in up if t["labels"]["job"] == "node"}
     assert nodes == set(ALL), nodes
     assert {t["labels"]["job"] for t in up} == {"prometheus", "alertmanager", "node"}

@@ -6,7 +6,7 @@ import socket
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from . import addressrate, fanout, health, store
+from . import addressrate, fanout, health, metrics, store
 from .dbcalls import reads
 from .models import is_valid_room_name
 from .protocol import (ProtocolError, clean_body, clean_client_id, clean_nickname, clean_since, client_id_of,
@@ -41,6 +41,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def connect(self):
         self.room_name = self.scope["url_route"]["kwargs"]["room"]
         if not is_valid_room_name(self.room_name):
+            metrics.HANDSHAKES_NOT_FOUND.inc()
             await self.accept()
             await self.close(code=CLOSE_NOT_FOUND)
             return
@@ -61,10 +62,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except Exception as error:
             # One line, not a traceback per handshake: the hub has logged the cause.
             log.info("room %s cannot be joined now: %s", self.room_name, fanout.describe(error))
+            metrics.HANDSHAKES_UNAVAILABLE.inc()
             await self.accept()
             await self.close(code=CLOSE_TRY_AGAIN_LATER)
             return
         self.subscriber = subscriber
+        # Counted up and down with self.subscriber: disconnect() evens it out.
+        metrics.WEBSOCKETS_OPEN.inc()
+        metrics.HANDSHAKES_ACCEPTED.inc()
         await self.accept()
         await self.send(text_data=history)
         subscriber.start()
@@ -73,6 +78,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.subscriber is not None:
             self.hub.leave(self.room_name, self.subscriber)
             self.subscriber = None
+            metrics.WEBSOCKETS_OPEN.dec()
 
     async def _send_text(self, text):
         # The ASGI send itself: the same message self.send() builds, without
@@ -98,6 +104,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 raise ProtocolError("rate_limited", "too many messages from your address; slow down")
             await getattr(self, f"handle_{frame['type']}")(frame)
         except ProtocolError as error:
+            metrics.refused(error.code)
             # A refused post is named by its client_id, so the client knows which one.
             await self.send(text_data=_dumps(error.as_frame(client_id_of(frame))))
 
@@ -107,6 +114,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         client_id = clean_client_id(frame.get("client_id"))
         # Stored before it is broadcast, so everything a client sees live can
         # also be fetched again by seq.
+        metrics.MESSAGES_POSTED.inc()
         try:
             message, repeat = await self.hub.post(self.room_name, nickname, body, client_id)
         except Exception as error:
@@ -148,5 +156,7 @@ class HealthConsumer(AsyncWebsocketConsumer):
 
 class NotFoundConsumer(AsyncWebsocketConsumer):
     async def connect(self):
+        # The same close code as an invalid room name, and counted alike.
+        metrics.HANDSHAKES_NOT_FOUND.inc()
         await self.accept()
         await self.close(code=CLOSE_NOT_FOUND)

@@ -9,22 +9,41 @@ already stores concurrent posts together), and reads on a small pool of
 their own, so a stuck write delays only the posts behind it.
 """
 
+import functools
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from channels.db import DatabaseSyncToAsync
 
 from chatservice.env import env_int
 
+from . import metrics
+
 WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-db-write")
 READERS = ThreadPoolExecutor(max_workers=env_int("CHAT_DB_READ_THREADS", 4, minimum=1),
                              thread_name_prefix="chat-db-read")
 
 
+def _timed(call, histogram):
+    """call, observed in chat_db_call_seconds: from the await to the result or
+    error, so the wait for a free thread (a write behind another) counts too."""
+
+    @functools.wraps(call.func)
+    async def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return await call(*args, **kwargs)
+        finally:
+            histogram.observe(time.perf_counter() - started)
+
+    return timed
+
+
 def writes(func):
     """Runs func on the writer thread (closing old connections like database_sync_to_async)."""
-    return DatabaseSyncToAsync(func, thread_sensitive=False, executor=WRITER)
+    return _timed(DatabaseSyncToAsync(func, thread_sensitive=False, executor=WRITER), metrics.DB_WRITE_SECONDS)
 
 
 def reads(func):
     """Runs func on one of the reader threads."""
-    return DatabaseSyncToAsync(func, thread_sensitive=False, executor=READERS)
+    return _timed(DatabaseSyncToAsync(func, thread_sensitive=False, executor=READERS), metrics.DB_READ_SECONDS)

@@ -54,7 +54,7 @@ from redis.backoff import NoBackoff
 
 from chatservice.env import env_float, env_int
 
-from . import store
+from . import metrics, store
 from .dbcalls import reads, writes
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class Subscriber:
     def __init__(self, send, backlog=None):
         self.send = send
         self.backlog = backlog or SOCKET_BACKLOG
-        # Flushes not yet sent: (frame text, [(seq, message text), ...]).
+        # Flushes not yet sent: (frame text, [(seq, message text), ...], stored_at).
         self.queue = []
         self.queued = 0
         # (since, until) of messages dropped from this socket's queue.
@@ -155,21 +155,26 @@ class Subscriber:
         self.busy = False
         self.task = None
 
-    def offer(self, frame, items):
-        """Takes a flush; True means: idle, the caller sends `frame` with send_now()."""
+    def offer(self, frame, items, stored_at=None):
+        """Takes a flush; True means: idle, the caller sends `frame` with send_now().
+
+        stored_at: when the flush's oldest message was stored (time.time()),
+        or None; for chat_fanout_delivery_seconds when the flush is sent from
+        this socket's queue.
+        """
         if not (self.paused or self.busy or self.queue or self.behind):
             self.busy = True
             return True
         if self.queued + len(items) > self.backlog:
             # Never drop silently: the socket learns exactly which seqs it lost.
-            dropped = [seq for _, flush in self.queue for seq, _ in flush] + [seq for seq, _ in items]
+            dropped = [seq for _, flush, _ in self.queue for seq, _ in flush] + [seq for seq, _ in items]
             since, until = dropped[0] - 1, dropped[-1]
             if self.behind is not None:
                 since = min(since, self.behind[0])
             self.behind = (since, until)
             self.queue, self.queued = [], 0
         else:
-            self.queue.append((frame, items))
+            self.queue.append((frame, items, stored_at))
             self.queued += len(items)
         self._wake()
         return False
@@ -208,14 +213,20 @@ class Subscriber:
                     since, until = self.behind
                     self.behind = None
                     await self.send(behind_text(since, until))
+                    metrics.BEHIND_NOTICES.inc()
                     continue
                 queue, self.queue, self.queued = self.queue, [], 0
                 if len(queue) == 1:
                     # The room's frame, shared by every socket.
                     text = queue[0][0]
                 else:
-                    text = batch_text([message for _, flush in queue for _, message in flush])
+                    text = batch_text([message for _, flush, _ in queue for _, message in flush])
                 await self.send(text)
+                # A lagging socket's own send: one observation per send (it
+                # carries every flush queued meanwhile), from the oldest.
+                stored_at = min((at for *_, at in queue if at is not None), default=None)
+                if stored_at is not None:
+                    metrics.FANOUT_DELIVERY.observe(max(0.0, time.time() - stored_at))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -235,10 +246,15 @@ class _Room:
         self.expected = None
         # Messages ahead of a hole, by seq.
         self.held = {}
+        # When the held messages were stored (time.time()), by seq, for those
+        # that came with it (not those read back from the database).
+        self.held_at = {}
         self.gap_timer = None
         self.filling = False
-        # Message texts waiting for the batch window to close.
+        # Message texts waiting for the batch window to close, and when the
+        # oldest of them that came with a time was stored.
         self.pending = []
+        self.pending_at = None
         self.flush_timer = None
         # The newest messages handed out, as texts: the history a joining
         # socket gets, without a database read per handshake.
@@ -272,7 +288,7 @@ class Hub:
         # False from a failed layer operation until a probe came back.
         self.layer_ok = True
         self.layer_failed_at = None
-        # Stored while the layer was away, to publish once it answers: (room, message).
+        # Stored while the layer was away, to publish once it answers: (room, message, stored_at).
         self.unpublished = []
         self.recovery = None
         # Probes sent to the hub's own channel, by token.
@@ -329,6 +345,7 @@ class Hub:
         room.expected = recent[-1]["seq"] + 1 if recent else 1
         for seq in [seq for seq in room.held if seq < room.expected]:
             del room.held[seq]
+            room.held_at.pop(seq, None)
         self._release(room)
 
     async def _join_group(self, room):
@@ -379,7 +396,9 @@ class Hub:
                 await asyncio.sleep(RETRY_PAUSE)
                 continue
             if event.get("type") == EVENT_TYPE:
-                self.deliver(event["message"])
+                # stored_at rides beside the message (processes of an older
+                # release send none): the frame clients get never changes.
+                self.deliver(event["message"], event.get("stored_at"))
             elif event.get("type") == PROBE_TYPE:
                 probe = self.probes.pop(event.get("token"), None)
                 if probe is not None and not probe.done():
@@ -439,6 +458,7 @@ class Hub:
                 continue  # still down: logged once already, by _layer_failed
             break
         self.layer_ok = True
+        metrics.HUB_RECOVERIES.inc()
         log.warning("channel layer answers again after %.1f s", time.monotonic() - self.layer_failed_at)
         # What other processes published while this one could not hear them
         # is in the database.
@@ -469,8 +489,8 @@ class Hub:
 
     async def _publish_unpublished(self):
         while self.unpublished:
-            room_name, message = self.unpublished[0]
-            await self._publish_one(room_name, message)
+            room_name, message, stored_at = self.unpublished[0]
+            await self._publish_one(room_name, message, stored_at)
             self.unpublished.pop(0)
 
     def _fill_from(self, room):
@@ -479,8 +499,8 @@ class Hub:
             room.filling = True
             self.loop.create_task(self._fill(room, force=True))
 
-    def deliver(self, message):
-        """Takes one message as posted (a dict with room and seq)."""
+    def deliver(self, message, stored_at=None):
+        """Takes one message as posted (a dict with room and seq), and when it was stored."""
         room = self.rooms.get(message["room"])
         if room is None:
             return
@@ -488,6 +508,8 @@ class Hub:
         if room.expected is not None and seq < room.expected:
             return  # a duplicate, or already filled from the database
         room.held[seq] = message
+        if stored_at is not None:
+            room.held_at[seq] = stored_at
         if room.expected is not None:
             self._release(room)
 
@@ -495,6 +517,9 @@ class Hub:
         """Hands out the messages that follow without a hole; watches a remaining hole."""
         while room.expected in room.held:
             text = dumps(room.held.pop(room.expected))
+            stored_at = room.held_at.pop(room.expected, None)
+            if stored_at is not None and (room.pending_at is None or stored_at < room.pending_at):
+                room.pending_at = stored_at
             room.pending.append((room.expected, text))
             room.recent.append(text)
             room._history = None
@@ -570,37 +595,56 @@ class Hub:
                     if not future.done():
                         future.set_exception(error)
                 continue
+            # The start of chat_fanout_delivery_seconds, here and in every
+            # process the message reaches. A repeat was stored at some
+            # earlier moment, unknown here: it is not timed.
+            stored_at = time.time()
+            fresh = 0
             for (message, repeat), (room_name, *_, future) in zip(stored, batch):
-                self.deliver(message)
+                if not repeat:
+                    fresh += 1
+                self.deliver(message, None if repeat else stored_at)
                 if not future.done():
                     future.set_result((message, repeat))
-            for (message, _), (room_name, *_) in zip(stored, batch):
+            metrics.MESSAGES_STORED.inc(fresh)
+            for (message, repeat), (room_name, *_) in zip(stored, batch):
+                at = None if repeat else stored_at
                 if not self.layer_ok:
-                    self.unpublished.append((room_name, message))
+                    self.unpublished.append((room_name, message, at))
                     continue
                 try:
-                    await self._publish_one(room_name, message)
+                    await self._publish_one(room_name, message, at)
                 except Exception as error:
-                    self.unpublished.append((room_name, message))
+                    self.unpublished.append((room_name, message, at))
                     self._layer_failed(error)
 
-    async def _publish_one(self, room_name, message):
-        await self.layer.group_send(group_name(room_name), {"type": EVENT_TYPE, "message": message})
+    async def _publish_one(self, room_name, message, stored_at=None):
+        event = {"type": EVENT_TYPE, "message": message}
+        if stored_at is not None:
+            event["stored_at"] = stored_at
+        await self.layer.group_send(group_name(room_name), event)
 
     def _flush(self, room):
         room.flush_timer = None
         pending, room.pending = room.pending, []
+        stored_at, room.pending_at = room.pending_at, None
         if not pending:
             return
         frame = pending[0][1] if len(pending) == 1 else batch_text([text for _, text in pending])
-        idle = [subscriber for subscriber in room.subscribers if subscriber.offer(frame, pending)]
+        idle = [subscriber for subscriber in room.subscribers if subscriber.offer(frame, pending, stored_at)]
         if idle:
-            self.loop.create_task(self._send_to(idle, frame))
+            self.loop.create_task(self._send_to(idle, frame, stored_at))
 
     @staticmethod
-    async def _send_to(subscribers, frame):
+    async def _send_to(subscribers, frame, stored_at=None):
         for subscriber in subscribers:
             await subscriber.send_now(frame)
+        # chat_fanout_delivery_seconds: one observation per flush for all the
+        # sockets it reached at once (not one per socket: 20,000 sends a
+        # second would cost as many observations), taken after the last of
+        # them, so an upper bound for each; from the flush's oldest message.
+        if stored_at is not None:
+            metrics.FANOUT_DELIVERY.observe(max(0.0, time.time() - stored_at))
 
 
 _hubs = {}

@@ -13,6 +13,14 @@ NICKNAME_RE = re.compile(r"^[\w .-]{1,32}$")
 
 CLIENT_TYPES = ("message", "history", "ping")
 
+# Every error code a ProtocolError carries (here and in consumers.py), as in
+# README.md's table; also the label values of chat_messages_refused_total.
+ERROR_CODES = (
+    "invalid_json", "binary_not_supported", "unknown_type", "invalid_nickname", "empty_body",
+    "body_too_long", "invalid_since", "invalid_client_id", "rate_limited", "store_failed",
+    "history_failed",
+)
+
 # A post's idempotency key, chosen by the client (a UUID fits): 1-64 ASCII
 # letters, digits, "_" and "-".
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -16,7 +16,10 @@ from channels.security.websocket import OriginValidator, WebsocketDenier  # noqa
 from django.conf import settings  # noqa: E402
 from django.http.request import split_domain_port, validate_host  # noqa: E402
 
+from chat import metrics  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
+
+metrics.set_release(settings.RELEASE, "asgi")
 
 
 def _header(scope, name):
@@ -39,6 +42,8 @@ class AllowedHostValidator:
     async def __call__(self, scope, receive, send):
         domain, _ = split_domain_port(_header(scope, b"host"))
         if not domain or not validate_host(domain, settings.ALLOWED_HOSTS):
+            # Counted as refused_origin as well: the same 403, before any consumer.
+            metrics.HANDSHAKES_REFUSED_ORIGIN.inc()
             return await WebsocketDenier()(scope, receive, send)
         return await self.application(scope, receive, send)
 
@@ -60,9 +65,14 @@ class PublicOriginValidator(OriginValidator):
     def valid_origin(self, parsed_origin):
         allowed = settings.PUBLIC_ORIGINS or settings.ALLOWED_HOSTS
         if parsed_origin is None:  # browsers always send one
-            return "*" in allowed
-        return any(pattern == "*" or self.match_allowed_origin(parsed_origin, pattern)
-                   for pattern in allowed)
+            valid = "*" in allowed
+        else:
+            valid = any(pattern == "*" or self.match_allowed_origin(parsed_origin, pattern)
+                        for pattern in allowed)
+        if not valid:
+            # Called once per handshake, by __call__, which then answers 403.
+            metrics.HANDSHAKES_REFUSED_ORIGIN.inc()
+        return valid
 
 
 application = ProtocolTypeRouter(

@@ -33,6 +33,11 @@ under systemd socket activation needs, which Daphne itself does not do:
   autobahn's ``sendClose``, which raises for it (a traceback and a dropped
   connection instead). The codes a server may send by RFC 6455 and IANA
   (``SERVER_CLOSE_CODES``) go out as a close frame directly.
+- **Metrics for Prometheus**: with ``CHAT_METRICS_LISTEN`` (ADDRESS:PORT),
+  ``/metrics`` on that address serves the process's registry (the chat's
+  metrics, ``chat/metrics.py``, and prometheus_client's process and Python
+  ones), from the same reactor and thread as the app: no server thread, and
+  rendering a scrape takes well under a millisecond.
 - **The message size limit is for what clients send**: Daphne passes
   ``--websocket-max-message-size`` to autobahn, which applies it to outgoing
   messages too, so a history page or a catch-up batch larger than it failed
@@ -44,6 +49,7 @@ under systemd socket activation needs, which Daphne itself does not do:
 import os
 import socket
 import stat
+import sys
 import time
 
 # Importing daphne.server installs Twisted's asyncio reactor: it must come
@@ -51,9 +57,16 @@ import time
 from daphne.cli import CommandLineInterface
 from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
+from django.core.exceptions import ImproperlyConfigured
+from prometheus_client import REGISTRY
+from prometheus_client.exposition import choose_encoder
 from twisted.internet import defer, reactor, task, tcp, unix
+from twisted.internet.error import CannotListenError
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from .env import env_float, env_int
+from .metrics_listen import metrics_listen
 
 CLOSE_SERVICE_RESTART = 1012
 # Internal error, service restart, try again later: codes only a server sends.
@@ -132,6 +145,42 @@ def unlimit_outgoing_messages():
     WebSocketProtocol.sendMessage = send_message
 
 
+class MetricsResource(Resource):
+    """A registry in Prometheus's text format, rendered in the reactor's thread.
+
+    prometheus_client.twisted.MetricsResource renders in the reactor's
+    thread pool instead (a WSGI resource).
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry=REGISTRY):
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request):
+        accept = request.getHeader("accept")
+        encoder, content_type = choose_encoder(accept or "")
+        request.setHeader("Content-Type", content_type)
+        return encoder(self.registry)
+
+
+class _QuietSite(Site):
+    """No access log line per scrape (Daphne's -v 2 would print them), no factory notices."""
+
+    noisy = False
+
+    def log(self, request):
+        pass
+
+
+def listen_for_metrics(address, port, registry=REGISTRY, reactor=reactor):
+    """Serves ``registry`` at ``http://address:port/metrics``; returns the listening port."""
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry))
+    return reactor.listenTCP(port, _QuietSite(root), interface=address)
+
+
 def _open_websockets(server):
     return [
         protocol for protocol in list(server.connections)
@@ -176,8 +225,18 @@ def close_websockets(server, grace, clock=reactor):
 
 
 def main():
-    backlog = env_int("CHAT_LISTEN_BACKLOG", DEFAULT_BACKLOG, minimum=1)
-    grace = env_float("CHAT_CLOSE_GRACE", DEFAULT_CLOSE_GRACE, minimum=CLOSE_POLL_SECONDS)
+    try:
+        backlog = env_int("CHAT_LISTEN_BACKLOG", DEFAULT_BACKLOG, minimum=1)
+        grace = env_float("CHAT_CLOSE_GRACE", DEFAULT_CLOSE_GRACE, minimum=CLOSE_POLL_SECONDS)
+        metrics_address = metrics_listen()
+    except ImproperlyConfigured as error:
+        sys.exit(f"chatservice.serve_daphne: {error}")
+    if metrics_address is not None:
+        # Before Daphne starts: a port taken stops the start, with one line.
+        try:
+            listen_for_metrics(*metrics_address)
+        except CannotListenError as error:
+            sys.exit(f"chatservice.serve_daphne: cannot serve metrics on CHAT_METRICS_LISTEN: {error}")
     adopt_unix_sockets_as_systemds(backlog)
     allow_server_close_codes()
     unlimit_outgoing_messages()

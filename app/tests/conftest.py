@@ -179,3 +179,22 @@ async def receive_messages(communicator, count, timeout=5):
         else:
             raise AssertionError(f"unexpected frame {frame}")
     return messages, frames
+
+
+def sample(name, **labels):
+    """A metric's value in this process's registry (chat/metrics.py); 0 for a series not there yet."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def scrape(url, timeout=5):
+    """The samples a /metrics endpoint serves: {(name, ((label, value), ...)): value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}

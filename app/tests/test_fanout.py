@@ -93,7 +93,7 @@ class FakeSubscriber:
     def __init__(self):
         self.offers = []
 
-    def offer(self, frame, items):
+    def offer(self, frame, items, stored_at=None):
         self.offers.append((frame, items))
 
     def stop(self):

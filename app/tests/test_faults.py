@@ -22,7 +22,7 @@ from chat import fanout, store
 from chat.models import Message
 from chatservice.logformat import FoldConnectionErrors
 
-from .conftest import free_port, layers_for, receive_messages, stop, wait_for_redis
+from .conftest import free_port, layers_for, receive_messages, sample, stop, wait_for_redis
 from .test_consumers import send_message
 
 
@@ -129,6 +129,7 @@ async def test_later_messages_from_other_processes_flow_after_the_restart(privat
 
 async def test_a_message_sent_while_redis_is_down_is_stored_and_published_later(
         private_redis, join, room, monkeypatch):
+    recoveries = sample("chat_hub_recoveries_total")
     alice, _ = await join(room)
     hub = fanout.get_hub()
     private_redis.stop()
@@ -138,9 +139,10 @@ async def test_a_message_sent_while_redis_is_down_is_stored_and_published_later(
     assert echo["body"] == "during the outage"
     assert await _stored(room) == [(1, "during the outage")]
     await _eventually(lambda: not hub.layer_ok and hub.unpublished, 10, "the hub did not keep it")
-    assert [message["seq"] for _, message in hub.unpublished] == [1]
+    assert [message["seq"] for _, message, _ in hub.unpublished] == [1]
 
     # Another process that listens in the room gets it once Redis is back.
+    restarted_at = time.time()
     private_redis.start()
     listener = type(get_channel_layer())(**channel_layers.configs["default"]["CONFIG"])
     try:
@@ -148,19 +150,24 @@ async def test_a_message_sent_while_redis_is_down_is_stored_and_published_later(
         await listener.group_add(fanout.group_name(room), channel)
         event = await asyncio.wait_for(listener.receive(channel), 10)
         assert event["message"]["seq"] == 1
+        # Timed from when it was stored, not from when it could be published.
+        assert event["stored_at"] < restarted_at
     finally:
         await listener.flush()
     await _eventually(lambda: hub.layer_ok and not hub.unpublished, 5, "the hub did not recover")
+    assert sample("chat_hub_recoveries_total") == recoveries + 1
     # Nothing is sent twice to the socket that already has it.
     assert await alice.receive_nothing(timeout=0.5)
 
 
 async def test_a_handshake_while_redis_is_down_is_closed_with_try_again_later(
         private_redis, connect, join, room):
+    unavailable = sample("chat_websocket_handshakes_total", outcome="unavailable")
     private_redis.stop()
     communicator = await connect(f"/ws/chat/{room}/")
     closed = await communicator.receive_output(timeout=10)
     assert (closed["type"], closed["code"]) == ("websocket.close", CLOSE_TRY_AGAIN_LATER)
+    assert sample("chat_websocket_handshakes_total", outcome="unavailable") == unavailable + 1
     answering_since = private_redis.start()
     # The page retries with jitter; within 5 s of Redis answering it gets in.
     while True:
@@ -192,6 +199,7 @@ async def test_an_outage_logs_one_line_not_a_traceback_per_attempt(private_redis
 
 
 async def test_a_failed_write_gets_an_error_frame_and_the_socket_stays_open(join, room, monkeypatch):
+    store_failed = sample("chat_messages_refused_total", reason="store_failed")
     alice, _ = await join(room)
     real = store.post_messages
 
@@ -203,6 +211,7 @@ async def test_a_failed_write_gets_an_error_frame_and_the_socket_stays_open(join
     frame = await alice.receive_json_from(timeout=5)
     # The error names the post, so the page keeps exactly that one for the user.
     assert (frame["type"], frame["code"], frame["client_id"]) == ("error", "store_failed", "p-1")
+    assert sample("chat_messages_refused_total", reason="store_failed") == store_failed + 1
     assert await _stored(room) == []
     # Back by itself once the database answers.
     monkeypatch.setattr(store, "post_messages", real)

@@ -10,13 +10,15 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 import websockets
 from websockets.asyncio.client import connect as ws_connect
 
-from .conftest import stop
+from .conftest import free_port, scrape, stop
 
 APP_DIR = Path(__file__).resolve().parent.parent
 BACKLOG = 1234
@@ -31,8 +33,12 @@ def listen_backlog(path):
 
 
 @pytest.fixture()
-def launched(redis_url, tmp_path):
-    """serve_daphne on a unix socket passed as fd 3, like a systemd socket unit."""
+def launched(redis_url, tmp_path, request):
+    """serve_daphne on a unix socket passed as fd 3, like a systemd socket unit.
+
+    Parametrized indirectly, the parameter adds to its environment;
+    {"metrics": True} sets CHAT_METRICS_LISTEN to a free 127.0.0.1 port.
+    """
     if shutil.which("ss") is None:
         pytest.skip("SKIPPED: `ss` (iproute2) is not installed")
     sock_path = tmp_path / "daphne.sock"
@@ -44,6 +50,12 @@ def launched(redis_url, tmp_path):
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
     notify.settimeout(0.5)
+    extra = dict(getattr(request, "param", {}))
+    metrics_url = None
+    if extra.pop("metrics", False):
+        metrics_port = free_port()
+        extra["CHAT_METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     env = {
         "PATH": os.environ.get("PATH", ""),
         "SECRET_KEY": "serve-daphne-test-secret",
@@ -55,6 +67,7 @@ def launched(redis_url, tmp_path):
         "LISTEN_FDNAMES": "daphne.socket",
         "NOTIFY_SOCKET": str(notify_path),
         "CHAT_LISTEN_BACKLOG": str(BACKLOG),
+        **extra,
     }
     subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=APP_DIR, env=env,
                    check=True, capture_output=True, timeout=120)
@@ -78,7 +91,8 @@ def launched(redis_url, tmp_path):
         return process
 
     try:
-        yield {"process": launch(), "launch": launch, "socket": sock_path, "notify": notify, "log": log}
+        yield {"process": launch(), "launch": launch, "socket": sock_path, "notify": notify, "log": log,
+               "metrics": metrics_url}
     finally:
         for process in processes:
             stop(process)
@@ -198,3 +212,56 @@ def test_the_message_size_limit_holds_for_received_messages_only(launched):
                 await asyncio.wait_for(ws.recv(), 5)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("launched", [{"metrics": True}], indirect=True)
+def test_serves_its_metrics_on_chat_metrics_listen(launched):
+    wait_ready(launched)
+    url = launched["metrics"]
+    samples = scrape(url)
+    assert samples[("chat_release_info", (("interface", "asgi"), ("release", "launcher-test")))] == 1
+    assert samples[("chat_websockets_open", ())] == 0
+    # prometheus_client's own, of this process.
+    assert samples[("process_resident_memory_bytes", ())] > 0
+
+    async def scenario():
+        async with ws_connect("ws://localhost/ws/chat/metrics/", origin="http://localhost",
+                              unix=True, path=str(launched["socket"])) as ws:
+            await asyncio.wait_for(ws.recv(), 5)  # history
+            await ws.send(json.dumps({"type": "message", "nickname": "m", "body": "counted"}))
+            await asyncio.wait_for(ws.recv(), 5)
+            await ws.send("not json")
+            await asyncio.wait_for(ws.recv(), 5)
+            return await asyncio.get_running_loop().run_in_executor(None, scrape, url)
+
+    during = asyncio.run(scenario())
+    assert {name: during[(name, labels)] for name, labels in [
+        ("chat_websockets_open", ()),
+        ("chat_websocket_handshakes_total", (("outcome", "accepted"),)),
+        ("chat_messages_posted_total", ()),
+        ("chat_messages_stored_total", ()),
+        ("chat_messages_refused_total", (("reason", "invalid_json"),)),
+        ("chat_fanout_delivery_seconds_count", ()),
+        ("chat_db_call_seconds_count", (("kind", "write"),)),
+    ]} == {
+        "chat_websockets_open": 1, "chat_websocket_handshakes_total": 1, "chat_messages_posted_total": 1,
+        "chat_messages_stored_total": 1, "chat_messages_refused_total": 1,
+        "chat_fanout_delivery_seconds_count": 1, "chat_db_call_seconds_count": 1,
+    }
+    deadline = time.monotonic() + 5
+    while scrape(url)[("chat_websockets_open", ())] != 0:
+        assert time.monotonic() < deadline, "the closed socket is still counted"
+        time.sleep(0.05)
+    # Only /metrics is served there.
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(url.removesuffix("metrics"), timeout=5)
+    assert caught.value.code == 404
+
+
+@pytest.mark.parametrize("launched", [{"CHAT_METRICS_LISTEN": "localhost:9201"}], indirect=True)
+def test_a_bad_metrics_address_stops_the_start_with_one_line(launched):
+    assert launched["process"].wait(timeout=30) == 1
+    log = launched["log"].read_text()
+    assert ("chatservice.serve_daphne: CHAT_METRICS_LISTEN='localhost:9201' is not ADDRESS:PORT "
+            "with an IP address") in log
+    assert "Traceback" not in log

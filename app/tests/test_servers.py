@@ -17,7 +17,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect as ws_connect
 
-from .conftest import free_port, stop
+from .conftest import free_port, scrape, stop
 
 APP_DIR = Path(__file__).resolve().parent.parent
 RELEASE = "release-under-test"
@@ -259,3 +259,176 @@ def test_uvicorn_refuses_a_64_kib_message_before_it_is_parsed(servers):
             return ws.close_code
 
     assert asyncio.run(scenario()) == 1009
+
+
+# The hooks as roles/gunicorn/templates/gunicorn.conf.py.j2 wires them.
+HOOKS_CONFIG = """
+def _chat_hooks():
+    try:
+        import chatservice.gunicorn_hooks as hooks
+    except ModuleNotFoundError:
+        return None
+    return hooks
+
+
+def when_ready(server):
+    hooks = _chat_hooks()
+    if hooks is None:
+        server.log.warning("this release has no chatservice.gunicorn_hooks: no metrics are served")
+    else:
+        hooks.when_ready(server)
+
+
+def child_exit(server, worker):
+    hooks = _chat_hooks()
+    if hooks is not None:
+        hooks.child_exit(server, worker)
+"""
+
+
+@pytest.fixture
+def gunicorn_with_metrics(server_env, tmp_path):
+    """Starts Gunicorn with the metrics hooks, in multiprocess mode unless told otherwise."""
+    processes = []
+
+    def start(*args, multiproc=True, wait=True, **env):
+        config = tmp_path / "gunicorn.conf.py"
+        config.write_text(HOOKS_CONFIG)
+        port, metrics_port = free_port(), free_port()
+        multiproc_dir = tmp_path / f"metrics-{len(processes)}"
+        multiproc_dir.mkdir()
+        env = {**server_env, "CHAT_METRICS_LISTEN": f"127.0.0.1:{metrics_port}", **env}
+        if multiproc:
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc_dir)
+        log = tmp_path / f"gunicorn-{len(processes)}.log"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", str(config), "--bind", f"127.0.0.1:{port}",
+             "--workers", "2", *args],
+            cwd=APP_DIR, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+        if wait:
+            wait_until_serving(process, url + "/healthz", log)
+        return {"process": process, "url": url, "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+                "dir": multiproc_dir, "log": log}
+
+    yield start
+    for process in processes:
+        stop(process)
+
+
+def _files_by_pid(directory, prefix):
+    return {int(path.stem.rsplit("_", 1)[1]): path for path in directory.glob(f"{prefix}_*.db")}
+
+
+def _value_in(path, name, **labels):
+    """A metric's value in one worker's file alone."""
+    import shutil
+    import tempfile
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    with tempfile.TemporaryDirectory() as alone:
+        shutil.copy(path, alone)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=alone)
+        return registry.get_sample_value(name, labels) or 0
+
+
+def _wait_for(condition, what, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} within {timeout} s")
+        time.sleep(0.05)
+
+
+def test_gunicorn_master_serves_the_sum_of_its_sync_workers(gunicorn_with_metrics):
+    server = gunicorn_with_metrics("chatservice.wsgi:application")
+    ok = ("chat_http_responses_total", (("status", "2xx"),))
+    before = scrape(server["metrics"])
+    assert before[("chat_release_info", (("interface", "wsgi"), ("release", RELEASE)))] == 1
+
+    # A request left half-sent holds one sync worker: the next ones go to the other.
+    host, port = server["url"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as held:
+        held.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
+        time.sleep(0.5)  # accepted and being read by one worker
+        for _ in range(5):
+            assert http_get(server["url"] + "/healthz")[0] == 200
+        held.sendall(b"Connection: close\r\n\r\n")
+        assert held.makefile("rb").readline().split()[1] == b"200"
+
+    after = scrape(server["metrics"])
+    assert after[ok] == before[ok] + 6
+    # Both workers counted some, and the master served their sum.
+    per_worker = [_value_in(path, "chat_http_responses_total", status="2xx")
+                  for path in _files_by_pid(server["dir"], "counter").values()]
+    assert len([value for value in per_worker if value > 0]) == 2
+    assert sum(per_worker) == after[ok]
+
+    # A worker gone: its live gauges go with it (child_exit), its counts stay.
+    workers = _files_by_pid(server["dir"], "gauge_livemax")
+    assert len(workers) == 2
+    gone = min(workers)
+    os.kill(gone, signal.SIGTERM)
+    _wait_for(lambda: not workers[gone].exists(), "the exited worker's live gauges were not removed")
+    _wait_for(lambda: len(_files_by_pid(server["dir"], "gauge_livemax")) == 2, "no new worker")
+    final = scrape(server["metrics"])
+    assert final[ok] >= after[ok]
+    assert final[("chat_release_info", (("interface", "wsgi"), ("release", RELEASE)))] == 1
+
+
+def test_gunicorn_master_sums_the_sockets_of_its_uvicorn_workers(gunicorn_with_metrics):
+    server = gunicorn_with_metrics("--worker-class", "chatservice.uvicorn_worker.ChatUvicornWorker",
+                                   "chatservice.asgi:application")
+    url = server["url"].replace("http://", "ws://") + "/ws/chat/multiprocess-metrics/"
+
+    async def scenario():
+        async with ws_connect(url, origin=server["url"]) as alice, ws_connect(url, origin=server["url"]) as bob:
+            for ws in (alice, bob):
+                await asyncio.wait_for(ws.recv(), 5)
+            await alice.send(json.dumps({"type": "message", "nickname": "alice", "body": "counted"}))
+            for ws in (alice, bob):
+                await asyncio.wait_for(ws.recv(), 5)
+            return await asyncio.get_running_loop().run_in_executor(None, scrape, server["metrics"])
+
+    during = asyncio.run(scenario())
+    assert {name: during[(name, labels)] for name, labels in [
+        ("chat_websockets_open", ()),
+        ("chat_websocket_handshakes_total", (("outcome", "accepted"),)),
+        ("chat_messages_posted_total", ()),
+        ("chat_messages_stored_total", ()),
+        ("chat_release_info", (("interface", "asgi"), ("release", RELEASE))),
+    ]} == {
+        "chat_websockets_open": 2, "chat_websocket_handshakes_total": 2, "chat_messages_posted_total": 1,
+        "chat_messages_stored_total": 1, "chat_release_info": 1,
+    }
+    _wait_for(lambda: scrape(server["metrics"])[("chat_websockets_open", ())] == 0,
+              "the closed sockets are still counted")
+
+
+@pytest.mark.parametrize("listen, error", [
+    ("10.0.0.5", "Error: CHAT_METRICS_LISTEN='10.0.0.5' is not ADDRESS:PORT with an IP address"),
+    ("taken", "Error: cannot serve metrics on CHAT_METRICS_LISTEN=127.0.0.1:"),
+])
+def test_gunicorn_with_a_bad_metrics_address_stops_with_one_line(gunicorn_with_metrics, listen, error):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        if listen == "taken":
+            listen = "127.0.0.1:%d" % taken.getsockname()[1]
+        server = gunicorn_with_metrics("chatservice.wsgi:application", wait=False, CHAT_METRICS_LISTEN=listen)
+        assert server["process"].wait(timeout=30) == 1
+    log = server["log"].read_text()
+    assert error in log
+    assert "Traceback" not in log
+
+
+def test_gunicorn_without_a_multiprocess_dir_serves_pages_and_says_why_no_metrics(gunicorn_with_metrics):
+    server = gunicorn_with_metrics("chatservice.wsgi:application", multiproc=False)
+    assert http_get(server["url"] + "/healthz")[0] == 200
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(server["metrics"], timeout=2)
+    assert "CHAT_METRICS_LISTEN is set but PROMETHEUS_MULTIPROC_DIR is not" in server["log"].read_text()

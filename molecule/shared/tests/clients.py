@@ -308,6 +308,11 @@ def app_copy(tmp_path, name, change=None):
     return target
 
 
+def tcp_open(host, address, port):
+    """Whether host can open a TCP connection to address:port (3 s at most)."""
+    return host.run("timeout 3 bash -c %s", f"</dev/tcp/{address}/{port}").rc == 0
+
+
 def post_probe(edge, room, timeout=60):
     """Posts one message through a fresh socket, retrying until it is echoed; returns its seq."""
     deadline = time.monotonic() + timeout

@@ -120,6 +120,12 @@ def test_the_restore_test_restores_the_newest_backup_and_checks_its_counts(repos
     log = repository.check_output("journalctl -q -o cat -u chat-db-backup-verify.service -n 20")
     assert f"verify {backup['label']} ok" in log
     assert not repository.file("/var/tmp/chat-db-verify").exists
+    # Both jobs' success, for ChatBackupTooOld: within the last minutes, with their bounds.
+    for kind, hours in (("backup", 49), ("verify", 337)):
+        series = dict(line.rsplit(" ", 1) for line in repository.check_output(
+            f"cat /var/lib/prometheus/node-exporter/chat-db-{kind}.prom").splitlines())
+        assert time.time() - float(series[f'chat_backup_last_success_timestamp_seconds{{kind="{kind}"}}']) < 600
+        assert float(series[f'chat_backup_max_age_seconds{{kind="{kind}"}}']) == hours * 3600
     report(f"pgBackRest: diff backup {backup['label']} under traffic in {backup['seconds']} s "
            f"({backup['database_bytes']} bytes of database, {backup['bytes']} written); restore test "
            f"{verified['seconds']} s, rows {verified['counts']}")

@@ -1,21 +1,28 @@
-"""Prometheus and Alertmanager on the monitoring host, a node exporter on every host.
+"""Prometheus and Alertmanager on the monitoring host, the exporters and the app's metrics.
 
 Runs once for the inventory, where a host is in group monitoring. Every
-target is up, named as the inventory names its host; the chat's rules are
-loaded; the servers listen on loopback and the exporters on loopback or the
-private address only. Where the monitoring host watches other hosts (the
-cluster scenario), an exporter stopped on one of them fires ChatTargetDown
-in Alertmanager within the rule's `for:` and a few scrapes, and the alert
-resolves once it runs again.
+target is up, named as the inventory names its host: a node exporter on
+every host, Nginx's and the edge's (mtail) on web hosts, Redis's and
+PostgreSQL's on theirs, Gunicorn and each Daphne instance on app hosts.
+The chat's counters move by exactly what a test did; the exporters run
+sandboxed, listen on loopback or the private address, and only the
+monitoring host reaches them. Where the monitoring host watches other hosts
+(the cluster scenario), every Daphne instance of an app host stopped fires
+ChatNoDaphneServing in Alertmanager within the rule's `for:` and a few
+scrapes, and the alert resolves once they run again. A deploy whose gate
+failed within the hour (test_50_deploy, where it ran) fires
+ChatDeployRolledBack.
 """
 
 import json
+import shlex
 import time
+import uuid
 
 import pytest
 import testinfra.utils.ansible_runner
 
-from clients import INVENTORY, inventory_host, report
+from clients import INVENTORY, edge_of, inventory_host, report, tcp_open
 
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 MONITORING = RUNNER.get_hosts("monitoring")
@@ -23,7 +30,11 @@ ALL = RUNNER.get_hosts("all")
 
 pytestmark = pytest.mark.skipif(not MONITORING, reason="SKIPPED: no host in group monitoring")
 
-RULES = ["ChatTargetDown", "ChatNoDaphneServing", "ChatUnitFailed", "ChatDiskFilling", "ChatDiskAlmostFull"]
+RULES = ["ChatTargetDown", "ChatNoDaphneServing", "ChatUnitFailed", "ChatDiskFilling", "ChatDiskAlmostFull",
+         "ChatServerDown", "ChatEdgeErrors", "ChatFanoutSlow", "ChatHandshakesRefused", "ChatRedisMemoryHigh",
+         "ChatBackupTooOld", "ChatDeployRolledBack"]
+EXPORTERS = {"node": "prometheus-node-exporter", "nginx": "prometheus-nginx-exporter", "edge": "mtail",
+             "redis": "prometheus-redis-exporter", "postgres": "prometheus-postgres-exporter"}
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +43,20 @@ def monitor():
 
 
 def api(monitor, url):
-    return json.loads(monitor.check_output(f"curl -fsS --max-time 10 '{url}'"))
+    return json.loads(monitor.check_output(f"curl -fsS --max-time 10 {shlex.quote(url)}"))
 
 
 def targets(monitor):
     return api(monitor, "http://127.0.0.1:9090/api/v1/targets?state=active")["data"]["activeTargets"]
+
+
+def value(monitor, expr):
+    """The value of a PromQL expression with one result (None: no result)."""
+    out = monitor.check_output(f"curl -fsS --max-time 10 http://127.0.0.1:9090/api/v1/query "
+                               f"--data-urlencode {shlex.quote('query=' + expr)}")
+    result = json.loads(out)["data"]["result"]
+    assert len(result) <= 1, result
+    return float(result[0]["value"][1]) if result else None
 
 
 def firing(monitor, alertname):
@@ -47,11 +67,15 @@ def firing(monitor, alertname):
 def wait(condition, timeout, what):
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        value = condition()
-        if value:
-            return time.monotonic() - started, value
+        result = condition()
+        if result:
+            return time.monotonic() - started, result
         time.sleep(3)
     pytest.fail(f"{what}: not within {timeout} s")
+
+
+def in_group(group):
+    return RUNNER.get_hosts(group)
 
 
 def test_every_target_is_up_and_named_after_its_host(monitor):
@@ -60,10 +84,55 @@ def test_every_target_is_up_and_named_after_its_host(monitor):
         return current if current and all(t["health"] == "up" for t in current) else None
 
     seconds, up = wait(all_up, 90, "every target up")
-    nodes = {t["labels"]["instance"] for t in up if t["labels"]["job"] == "node"}
-    assert nodes == set(ALL), nodes
-    assert {t["labels"]["job"] for t in up} == {"prometheus", "alertmanager", "node"}
-    report(f"Prometheus: {len(up)} targets up ({len(nodes)} node exporters) within {seconds:.0f} s of the check")
+    by_job = {}
+    for target in up:
+        by_job.setdefault(target["labels"]["job"], set()).add(target["labels"]["instance"])
+    assert by_job["node"] == set(ALL), by_job
+    assert by_job["nginx"] == by_job["edge"] == set(in_group("web")), by_job
+    assert by_job["redis"] == set(in_group("redis")), by_job
+    assert by_job.get("postgres", set()) == set(in_group("db")), by_job
+    # The app's own: Gunicorn once per app host, Daphne once per instance.
+    assert {name.split("/")[0] for name in by_job.get("daphne", set()) | by_job.get("gunicorn", set())} \
+        == set(in_group("app")), by_job
+    assert by_job["prometheus"] and by_job["alertmanager"]
+    report(f"Prometheus: {len(up)} targets up within {seconds:.0f} s of the check: "
+           + ", ".join(f"{job} {len(names)}" for job, names in sorted(by_job.items())))
+
+
+def test_the_app_metrics_count_exactly_what_a_client_did(monitor):
+    edge = edge_of(inventory_host(in_group("web")[0]))
+    room = f"metrics-{uuid.uuid4().hex[:8]}"
+
+    def settled(expr, expected):
+        return lambda: value(monitor, expr) == expected or None
+
+    posted = value(monitor, "sum(chat_messages_posted_total)") or 0
+    stored = value(monitor, "sum(chat_messages_stored_total)") or 0
+    sockets = value(monitor, "sum(chat_websockets_open)") or 0
+    count, members = 12, 3
+    opened = [edge.websocket(f"/ws/chat/{room}/") for _ in range(members)]
+    try:
+        for ws in opened:
+            edge.receive(ws)  # the join history
+        wait(settled("sum(chat_websockets_open)", sockets + members), 60, f"the socket gauge at +{members}")
+        sender = opened[0]
+        for n in range(count):
+            sender.send(json.dumps({"type": "message", "nickname": "metrics", "body": f"m{n}",
+                                    "client_id": uuid.uuid4().hex}))
+            time.sleep(0.15)  # under the page's rate limit
+        got = 0
+        while got < count:
+            frame = edge.receive(opened[-1])
+            got += len(frame.get("messages", [frame])) if frame["type"] in ("message", "batch") else 0
+    finally:
+        for ws in opened:
+            ws.close()
+    seconds, _ = wait(settled("sum(chat_messages_posted_total)", posted + count), 60, f"posted +{count}")
+    assert value(monitor, "sum(chat_messages_stored_total)") == stored + count
+    wait(settled("sum(chat_websockets_open)", sockets), 60, "the socket gauge back")
+    assert value(monitor, "count(chat_release_info)") >= 1
+    assert value(monitor, "sum(chat_fanout_delivery_seconds_count)") > 0
+    report(f"Metrics: {count} posts and {members} sockets seen exactly by Prometheus within {seconds:.0f} s")
 
 
 def test_the_chat_rules_are_loaded(monitor):
@@ -71,6 +140,17 @@ def test_the_chat_rules_are_loaded(monitor):
     loaded = {rule["name"] for group in groups for rule in group["rules"]}
     assert set(RULES) <= loaded, loaded
     assert all(rule["health"] == "ok" for group in groups for rule in group["rules"])
+
+
+def test_the_chat_console_renders_with_the_live_release(monitor):
+    page = monitor.check_output("curl -fsS --max-time 10 http://127.0.0.1:9090/consoles/chat.html")
+    assert "Open WebSockets" in page and "PromConsole.Graph" in page
+    releases = {r["metric"]["release"] for r in json.loads(monitor.check_output(
+        "curl -fsS --max-time 10 http://127.0.0.1:9090/api/v1/query --data-urlencode "
+        "'query=count by (release) (chat_release_info)'"))["data"]["result"]}
+    assert releases and all(f"<code>{release}</code>" in page for release in releases), releases
+    # The scripts it draws with are served (Debian's Rickshaw).
+    monitor.check_output("curl -fsS --max-time 10 -o /dev/null http://127.0.0.1:9090/classic/static/rickshaw/rickshaw.min.js")
 
 
 def listening(host, port):
@@ -81,24 +161,65 @@ def test_the_servers_listen_on_loopback_and_the_exporters_privately(monitor):
     assert listening(monitor, 9090) == {"127.0.0.1"}
     assert listening(monitor, 9093) == {"127.0.0.1"}
     assert "9094" not in monitor.check_output("ss -Hltn")  # Alertmanager's cluster port stays closed
+    scraped = [t for t in targets(monitor) if t["labels"]["job"] not in ("prometheus", "alertmanager")]
+    for target in scraped:
+        address, port = target["scrapeUrl"].split("/")[2].rsplit(":", 1)
+        host = inventory_host(target["labels"]["instance"].split("/")[0])
+        # Exactly the address Prometheus scrapes: loopback, or the private one.
+        assert listening(host, port) == {address}, (target["labels"], listening(host, port))
+        if address != "127.0.0.1":
+            assert tcp_open(monitor, address, port), target["scrapeUrl"]
+            # Any other host of the inventory is dropped by the firewall.
+            other = next(name for name in ALL if name not in MONITORING and name != target["labels"]["instance"]
+                         .split("/")[0])
+            assert not tcp_open(inventory_host(other), address, port), (other, target["scrapeUrl"])
+
+
+def test_every_exporter_runs_sandboxed():
     for name in ALL:
         host = inventory_host(name)
-        addresses = listening(host, 9100)
-        assert len(addresses) == 1 and "0.0.0.0" not in addresses and "*" not in addresses, (name, addresses)
+        units = host.check_output("systemctl list-units --type=service --state=running --plain --no-legend "
+                                  "'prometheus-*-exporter.service' mtail.service | awk '{print $1}'").split()
+        assert "prometheus-node-exporter.service" in units, (name, units)
+        for unit in units:
+            shown = dict(line.split("=", 1) for line in host.check_output(
+                f"systemctl show -p User,NoNewPrivileges,ProtectSystem,CapabilityBoundingSet,PrivateDevices {unit}")
+                .splitlines())
+            assert shown["User"] in ("prometheus", "mtail"), (name, unit, shown)
+            assert shown["NoNewPrivileges"] == "yes" and shown["ProtectSystem"] == "strict", (name, unit, shown)
+            assert shown["CapabilityBoundingSet"] == "" and shown["PrivateDevices"] == "yes", (name, unit, shown)
 
 
 @pytest.mark.skipif(len(ALL) < 2, reason="SKIPPED: the monitoring host watches only itself here")
-def test_an_exporter_that_stops_fires_an_alert_that_resolves(monitor):
-    watched = inventory_host(next(name for name in ALL if name not in MONITORING))
-    name = watched.backend.get_hostname()
-    watched.run_expect([0], "systemctl stop prometheus-node-exporter")
+def test_every_daphne_instance_stopped_fires_an_alert_that_resolves(monitor):
+    name = RUNNER.get_hosts("app")[0]
+    app = inventory_host(name)
+    # The sockets too: a connection to a socket would start its service again.
+    units = app.check_output("systemctl list-units --plain --no-legend 'chat-daphne@*' | awk '{print $1}'").split()
+    app.run_expect([0], f"systemctl stop {' '.join(units)}")
     try:
-        # for: 2m, plus a scrape (15 s), an evaluation (15 s) and Alertmanager's group_wait (10 s).
-        fired, _ = wait(lambda: [a for a in firing(monitor, "ChatTargetDown") if a["labels"]["instance"] == name],
-                        240, f"ChatTargetDown for {name} in Alertmanager")
+        # for: 1m, plus a scrape (15 s), an evaluation (15 s) and Alertmanager's group_wait (10 s).
+        fired, _ = wait(lambda: [a for a in firing(monitor, "ChatNoDaphneServing") if a["labels"]["instance"] == name],
+                        180, f"ChatNoDaphneServing for {name} in Alertmanager")
     finally:
-        watched.run_expect([0], "systemctl start prometheus-node-exporter")
-    resolved, _ = wait(lambda: not [a for a in firing(monitor, "ChatTargetDown") if a["labels"]["instance"] == name],
-                       180, f"ChatTargetDown for {name} resolved")
-    report(f"Alerting: {name}'s exporter stopped, ChatTargetDown firing in Alertmanager {fired:.0f} s after "
-           f"(the rule's for: 2m), resolved {resolved:.0f} s after the exporter started again")
+        app.run_expect([0], f"systemctl start {' '.join(units)}")
+    resolved, _ = wait(lambda: not firing(monitor, "ChatNoDaphneServing"), 180, "ChatNoDaphneServing resolved")
+    # The log receiver got both notifications (the resolved one within Alertmanager's group_interval).
+    journal = (f"journalctl -u chat-alert-log --no-pager -o cat | grep -F ' ChatNoDaphneServing ' "
+               f"| grep -F ' instance={name} '")
+    wait(lambda: "RESOLVED" in monitor.run(journal).stdout, 120, "the resolved notification in chat-alert-log")
+    assert "FIRING" in monitor.run(journal).stdout
+    report(f"Alerting: every Daphne instance of {name} stopped, ChatNoDaphneServing firing in Alertmanager "
+           f"{fired:.0f} s after (the rule's for: 1m), resolved {resolved:.0f} s after they started again")
+
+
+def test_a_failed_gate_fires_the_rollback_alert(monitor):
+    """Where test_50_deploy ran, its release that failed the gate was counted and alerts for an hour."""
+    app = inventory_host(RUNNER.get_hosts("app")[0])
+    log = app.check_output("cat /srv/chat/deploy.log")
+    if " gate_failed " not in log:
+        pytest.skip("SKIPPED: no deploy failed its gate here (test_50_deploy runs on one Debian release)")
+    assert 'chat_deploys_total{action="gate_failed"} 1' in app.check_output(
+        "cat /var/lib/prometheus/node-exporter/chat-deploys.prom")
+    seconds, _ = wait(lambda: firing(monitor, "ChatDeployRolledBack"), 90, "ChatDeployRolledBack in Alertmanager")
+    report(f"Alerting: the deploy that failed its gate is counted; ChatDeployRolledBack firing ({seconds:.0f} s)")

@@ -19,7 +19,8 @@ import testinfra.utils.ansible_runner
 import yaml
 from websockets.exceptions import InvalidStatus
 
-from clients import INVENTORY, WebSocket, changed_per_host, edge_of, inventory_host, report, run_playbook
+from clients import (INVENTORY, WebSocket, changed_per_host, edge_of, inventory_host, report, run_playbook,
+                     tcp_open)
 from test_19_database import pg_query
 from test_70_faults import SENDERS, SOCKETS, _health_check_fails, account, new_room, recovery_after, room_traffic
 from traffic import Traffic
@@ -157,11 +158,6 @@ def test_static_files_of_the_release_come_from_the_web_host(lb, edge):
     status, _ = edge.get(f"/static/{hashed}")
     assert status == 200
     assert not lb.file("/srv/chat/current").exists, "the web host got a release it does not run"
-
-
-def tcp_open(host, address, port):
-    """Whether host can open a TCP connection to address:port (3 s at most)."""
-    return host.run("timeout 3 bash -c %s", f"</dev/tcp/{address}/{port}").rc == 0
 
 
 def test_data_tier_is_closed_to_the_web_host(lb):

@@ -304,3 +304,17 @@ def test_backup_passphrase_is_checked(tmp_path, passphrase):
                                         + "              chat_private_address: 192.0.2.8\n")
     rc, output = run_site(inventory)
     assert_refused_before_any_change(rc, output, "chat_backup_passphrase")
+
+
+def test_prometheus_on_a_public_address_is_refused(tmp_path):
+    inventory = write_inventory(tmp_path, ["web", "app", "redis", "monitoring"],
+                                "chat_monitoring_ui_address: 0.0.0.0\n")
+    rc, output = run_site(inventory)
+    assert_refused_before_any_change(rc, output, "chat_monitoring_ui_address is 0.0.0.0")
+
+
+def test_an_exporter_missing_from_the_catalogue_is_refused(tmp_path):
+    inventory = write_inventory(tmp_path, ["web", "app", "redis", "monitoring"],
+                                "chat_exporters_here: [node, nosuch]\n")
+    rc, output = run_site(inventory)
+    assert_refused_before_any_change(rc, output, "chat_exporters has no entry with a package for nosuch")

@@ -63,7 +63,20 @@ def test_admin_user_can_administer(host, admin_password):
     url = f"redis://admin:{admin_password}@127.0.0.1:6379/0"
     assert redis(host, url, "CONFIG", "GET", "maxmemory-policy").split() == ["maxmemory-policy", "volatile-ttl"]
     users = redis(host, url, "ACL", "USERS").split()
-    assert sorted(users) == ["admin", "chat", "default"]
+    # monitor: the metrics exporter's, where a host is in group monitoring.
+    assert sorted(users) in (["admin", "chat", "default"], ["admin", "chat", "default", "monitor"]), users
+
+
+def test_the_exporters_user_reads_statistics_only(host, admin_password):
+    admin = f"redis://admin:{admin_password}@127.0.0.1:6379/0"
+    if "monitor" not in redis(host, admin, "ACL", "USERS").split():
+        pytest.skip("SKIPPED: no host in group monitoring, no exporter's user")
+    password = inventory_value(host.backend.get_hostname(), "redis_monitor_password")
+    url = f"redis://monitor:{password}@127.0.0.1:6379/0"
+    assert "used_memory:" in redis(host, url, "INFO", "memory")
+    for command in (["GET", "asgi:anything"], ["CONFIG", "SET", "maxmemory", "1"], ["FLUSHALL"], ["KEYS", "*"],
+                    ["PUBLISH", "asgi:x", "forged"]):
+        assert "NOPERM" in redis(host, url, *command), command
 
 
 def test_passwords_are_stored_hashed(host, app_url):

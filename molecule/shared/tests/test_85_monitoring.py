@@ -14,7 +14,9 @@ failed within the hour (test_50_deploy, where it ran) fires
 ChatDeployRolledBack.
 """
 
+import calendar
 import json
+import re
 import shlex
 import time
 import uuid
@@ -22,7 +24,7 @@ import uuid
 import pytest
 import testinfra.utils.ansible_runner
 
-from clients import INVENTORY, edge_of, inventory_host, report, tcp_open
+from clients import INVENTORY, edge_of, inventory_host, inventory_value, report, tcp_open
 
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 MONITORING = RUNNER.get_hosts("monitoring")
@@ -39,7 +41,12 @@ EXPORTERS = {"node": "prometheus-node-exporter", "nginx": "prometheus-nginx-expo
 
 @pytest.fixture(scope="module")
 def monitor():
-    return inventory_host(MONITORING[0])
+    """The monitoring host, with where its Prometheus and Alertmanager answer (loopback, or the demo's address)."""
+    host = inventory_host(MONITORING[0])
+    for server, unit in (("prometheus", "prometheus"), ("alertmanager", "prometheus-alertmanager")):
+        address = re.search(r"--web[.]listen-address=([^ \"]+)", host.file(f"/etc/default/{unit}").content_string)
+        setattr(host, server, f"http://{address.group(1)}")
+    return host
 
 
 def api(monitor, url):
@@ -47,12 +54,12 @@ def api(monitor, url):
 
 
 def targets(monitor):
-    return api(monitor, "http://127.0.0.1:9090/api/v1/targets?state=active")["data"]["activeTargets"]
+    return api(monitor, f"{monitor.prometheus}/api/v1/targets?state=active")["data"]["activeTargets"]
 
 
 def value(monitor, expr):
     """The value of a PromQL expression with one result (None: no result)."""
-    out = monitor.check_output(f"curl -fsS --max-time 10 http://127.0.0.1:9090/api/v1/query "
+    out = monitor.check_output(f"curl -fsS --max-time 10 {monitor.prometheus}/api/v1/query "
                                f"--data-urlencode {shlex.quote('query=' + expr)}")
     result = json.loads(out)["data"]["result"]
     assert len(result) <= 1, result
@@ -60,7 +67,7 @@ def value(monitor, expr):
 
 
 def firing(monitor, alertname):
-    alerts = api(monitor, "http://127.0.0.1:9093/api/v2/alerts?active=true&silenced=false&inhibited=false")
+    alerts = api(monitor, f"{monitor.alertmanager}/api/v2/alerts?active=true&silenced=false&inhibited=false")
     return [alert for alert in alerts if alert["labels"]["alertname"] == alertname]
 
 
@@ -88,7 +95,7 @@ def test_every_target_is_up_and_named_after_its_host(monitor):
     for target in up:
         by_job.setdefault(target["labels"]["job"], set()).add(target["labels"]["instance"])
     assert by_job["node"] == set(ALL), by_job
-    assert by_job["nginx"] == by_job["edge"] == set(in_group("web")), by_job
+    assert by_job["nginx"] == by_job["edge"] == by_job["site"] == set(in_group("web")), by_job
     assert by_job["redis"] == set(in_group("redis")), by_job
     assert by_job.get("postgres", set()) == set(in_group("db")), by_job
     # The app's own: Gunicorn once per app host, Daphne once per instance.
@@ -106,6 +113,10 @@ def test_the_app_metrics_count_exactly_what_a_client_did(monitor):
     def settled(expr, expected):
         return lambda: value(monitor, expr) == expected or None
 
+    # The baselines from scrapes after this moment: Prometheus lags the servers by up to a
+    # scrape, and earlier checks' posts must be in them (one host's clock: the containers').
+    asked = time.time()
+    wait(lambda: (value(monitor, "min(timestamp(chat_messages_posted_total))") or 0) > asked, 60, "a fresh scrape")
     posted = value(monitor, "sum(chat_messages_posted_total)") or 0
     stored = value(monitor, "sum(chat_messages_stored_total)") or 0
     sockets = value(monitor, "sum(chat_websockets_open)") or 0
@@ -136,42 +147,55 @@ def test_the_app_metrics_count_exactly_what_a_client_did(monitor):
 
 
 def test_the_chat_rules_are_loaded(monitor):
-    groups = api(monitor, "http://127.0.0.1:9090/api/v1/rules")["data"]["groups"]
+    groups = api(monitor, f"{monitor.prometheus}/api/v1/rules")["data"]["groups"]
     loaded = {rule["name"] for group in groups for rule in group["rules"]}
     assert set(RULES) <= loaded, loaded
     assert all(rule["health"] == "ok" for group in groups for rule in group["rules"])
 
 
+def test_the_site_is_probed_as_a_browser_would(monitor):
+    """Through each web host's https: /healthz answers, and the certificate's expiry is the one it serves."""
+    name = inventory_value(in_group("web")[0], "chat_server_name")
+    for web in in_group("web"):
+        wait(lambda: value(monitor, f'probe_success{{job="site", instance="{web}"}}') == 1, 60, f"{web} probed")
+        expiry = value(monitor, f'probe_ssl_earliest_cert_expiry{{job="site", instance="{web}"}}')
+        served = inventory_host(web).check_output(
+            f"echo | openssl s_client -connect 127.0.0.1:443 -servername {name} 2>/dev/null "
+            "| openssl x509 -noout -enddate -dateopt iso_8601 | cut -d= -f2")
+        assert expiry == calendar.timegm(time.strptime(served.strip(), "%Y-%m-%d %H:%M:%SZ")), (web, expiry, served)
+        report(f"Site probe: {web} answers; its certificate expires {served.strip()}")
+
+
 def test_the_chat_console_renders_with_the_live_release(monitor):
-    page = monitor.check_output("curl -fsS --max-time 10 http://127.0.0.1:9090/consoles/chat.html")
+    page = monitor.check_output(f"curl -fsS --max-time 10 {monitor.prometheus}/consoles/chat.html")
     assert "Open WebSockets" in page and "PromConsole.Graph" in page
     releases = {r["metric"]["release"] for r in json.loads(monitor.check_output(
-        "curl -fsS --max-time 10 http://127.0.0.1:9090/api/v1/query --data-urlencode "
+        f"curl -fsS --max-time 10 {monitor.prometheus}/api/v1/query --data-urlencode "
         "'query=count by (release) (chat_release_info)'"))["data"]["result"]}
     assert releases and all(f"<code>{release}</code>" in page for release in releases), releases
     # The scripts it draws with are served (Debian's Rickshaw).
-    monitor.check_output("curl -fsS --max-time 10 -o /dev/null http://127.0.0.1:9090/classic/static/rickshaw/rickshaw.min.js")
+    monitor.check_output(f"curl -fsS --max-time 10 -o /dev/null {monitor.prometheus}/classic/static/rickshaw/rickshaw.min.js")
 
 
 def listening(host, port):
     return {line.split()[3].rsplit(":", 1)[0] for line in host.check_output(f"ss -Hltn 'sport = :{port}'").splitlines()}
 
 
-def test_the_servers_listen_on_loopback_and_the_exporters_privately(monitor):
-    assert listening(monitor, 9090) == {"127.0.0.1"}
-    assert listening(monitor, 9093) == {"127.0.0.1"}
+def test_the_servers_and_the_exporters_listen_where_they_are_scraped_only(monitor):
+    """Each on one address: loopback, or the private one (the demo's Prometheus, every exporter
+    of another host), never all; the firewall lets only the monitoring host reach an exporter."""
     assert "9094" not in monitor.check_output("ss -Hltn")  # Alertmanager's cluster port stays closed
-    scraped = [t for t in targets(monitor) if t["labels"]["job"] not in ("prometheus", "alertmanager")]
-    for target in scraped:
+    for target in targets(monitor):
         address, port = target["scrapeUrl"].split("/")[2].rsplit(":", 1)
-        host = inventory_host(target["labels"]["instance"].split("/")[0])
+        # Prometheus, Alertmanager and the blackbox exporter run on the monitoring host.
+        own = target["labels"]["job"] in ("prometheus", "alertmanager", "site")
+        name = MONITORING[0] if own else target["labels"]["instance"].split("/")[0]
         # Exactly the address Prometheus scrapes: loopback, or the private one.
-        assert listening(host, port) == {address}, (target["labels"], listening(host, port))
-        if address != "127.0.0.1":
+        assert listening(inventory_host(name), port) == {address}, (target["labels"], address)
+        if address != "127.0.0.1" and not own:
             assert tcp_open(monitor, address, port), target["scrapeUrl"]
             # Any other host of the inventory is dropped by the firewall.
-            other = next(name for name in ALL if name not in MONITORING and name != target["labels"]["instance"]
-                         .split("/")[0])
+            other = next(host for host in ALL if host not in MONITORING and host != name)
             assert not tcp_open(inventory_host(other), address, port), (other, target["scrapeUrl"])
 
 

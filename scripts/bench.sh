@@ -19,6 +19,14 @@
 #                                    bench/results/NAME/<layout>/, with tables
 #                                    and plots of every measure per layout
 #                                    (ratios to split) in NAME/results.md
+#   scripts/bench.sh metrics [NAME [REV]]
+#                                    what the app's own metrics cost: the
+#                                    fan-out measured on one host with the app
+#                                    as it is and with the app of REV (by
+#                                    default the last one before
+#                                    app/chat/metrics.py), in turn, twice each,
+#                                    into NAME/with-N/ and NAME/without-N/, and
+#                                    the ratios with/without in NAME/results.md
 #   scripts/bench.sh compare A B     ratios B/A between two result folders
 #   scripts/bench.sh down            remove the benchmark host
 # Environment: CHAT_BENCH_QUICK=1 shortens every scenario (a smoke run);
@@ -366,6 +374,49 @@ case "${1:-run}" in
     "$BENCH_VENV/bin/python" "$REPO_ROOT/bench/report.py" layouts "$base" >/dev/null
     log "layout matrix: $base/results.md"
     ;;
+  metrics)
+    shift || true
+    start_results "${1:-metrics-$(date -u +%Y%m%dT%H%M)}"
+    base="$RESULTS"
+    rev="${2:-$(git -C "$REPO_ROOT" log --diff-filter=A --format=%H -1 -- app/chat/metrics.py)^}"
+    rev="$(git -C "$REPO_ROOT" rev-parse --short "$rev")"
+    without="$(mktemp -d)"
+    git -C "$REPO_ROOT" archive "$rev" app | tar -x -C "$without"
+    : >"$base/commands.txt"
+    ensure_host_image bookworm
+    deploy
+    # Alternating, so that a machine that gets busier does not favour one.
+    for round in 1 2; do
+      for variant in with without; do
+        RESULTS="$base/$variant-$round"
+        mkdir -p "$RESULTS"
+        : >"$RESULTS/commands.txt"
+        if [ "$variant" = without ]; then
+          site_run deploy "the app of $rev" -e "chat_app_source_dir=$without/app"
+        else
+          # Served, and scraped every 15 s as Prometheus would.
+          site_run deploy "the app as it is, its metrics served" \
+            -e daphne_metrics_listen=127.0.0.1:9201 -e gunicorn_metrics_listen=127.0.0.1:9200
+        fi
+        restart_app_servers
+        [ "$variant" = without ] || docker exec -d "$BENCH_HOST" sh -c \
+          'for i in $(seq 80); do for port in 9200 9201 9202 9203; do
+             curl -s -o /dev/null --max-time 5 "http://127.0.0.1:$port/metrics"; done; sleep 15; done # chat-bench-scrape'
+        measure fanout-100 fanout-1000
+        docker exec "$BENCH_HOST" pkill -f chat-bench-scrape || true
+      done
+    done
+    RESULTS="$base"
+    {
+      printf '# The app'"'"'s metrics: the fan-out with them (this commit) and without (%s)\n\n' "$rev"
+      for round in 1 2; do
+        printf '\n## Round %s\n\n' "$round"
+        "$BENCH_VENV/bin/python" "$REPO_ROOT/bench/report.py" compare "$base/without-$round" "$base/with-$round"
+      done
+    } >"$base/results.md"
+    rm -rf "$without"
+    log "metrics cost: $base/results.md"
+    ;;
   compare)
     [ "$#" -eq 3 ] || die "usage: $0 compare RESULTS_A RESULTS_B"
     ensure_bench_venv
@@ -376,5 +427,5 @@ case "${1:-run}" in
     "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" down "$BENCH_HOST"
     rm -f "$REPO_ROOT/.cache/facts/"*"_chat-bench"
     ;;
-  *) die "usage: $0 [run [NAME]|measure NAME [SCENARIO...]|layouts [NAME]|compare A B|down]" ;;
+  *) die "usage: $0 [run [NAME]|measure NAME [SCENARIO...]|layouts [NAME]|metrics [NAME [REV]]|compare A B|down]" ;;
 esac

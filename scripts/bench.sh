@@ -208,7 +208,9 @@ deploy() {
 site_run() {
   local key="$1" what="$2"; shift 2
   docker update --cpuset-cpus "0-$(($(nproc) - 1))" "$BENCH_HOST" >/dev/null
-  local cmd=(ansible-playbook site.yml -i inventories/bench "$@")
+  # The container by name as an extra var: Mitogen's docker connection takes
+  # the inventory's templated ansible_host literally.
+  local cmd=(ansible-playbook site.yml -i inventories/bench -e "ansible_host=$BENCH_HOST" "$@")
   if [ -n "${CHAT_BENCH_PROFILE:-}" ]; then
     cmd+=(-e "@bench/profiles/$CHAT_BENCH_PROFILE.yml")
   fi

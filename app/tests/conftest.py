@@ -198,3 +198,17 @@ def scrape(url, timeout=5):
         text = response.read().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+# The series one client's socket and post move, as scrape() keys them.
+CLIENT_SERIES = [
+    ("chat_websockets_open", ()),
+    ("chat_websocket_handshakes_total", (("outcome", "accepted"),)),
+    ("chat_messages_posted_total", ()),
+    ("chat_messages_stored_total", ()),
+]
+
+
+def picked(samples, series):
+    """{name: value} of the given (name, labels) series of a scrape()."""
+    return {name: samples[(name, labels)] for name, labels in series}

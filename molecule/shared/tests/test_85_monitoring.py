@@ -57,11 +57,16 @@ def targets(monitor):
     return api(monitor, f"{monitor.prometheus}/api/v1/targets?state=active")["data"]["activeTargets"]
 
 
-def value(monitor, expr):
-    """The value of a PromQL expression with one result (None: no result)."""
+def query(monitor, expr):
+    """The results of a PromQL expression, as Prometheus's API gives them."""
     out = monitor.check_output(f"curl -fsS --max-time 10 {monitor.prometheus}/api/v1/query "
                                f"--data-urlencode {shlex.quote('query=' + expr)}")
-    result = json.loads(out)["data"]["result"]
+    return json.loads(out)["data"]["result"]
+
+
+def value(monitor, expr):
+    """The value of a PromQL expression with one result (None: no result)."""
+    result = query(monitor, expr)
     assert len(result) <= 1, result
     return float(result[0]["value"][1]) if result else None
 
@@ -169,9 +174,7 @@ def test_the_site_is_probed_as_a_browser_would(monitor):
 def test_the_chat_console_renders_with_the_live_release(monitor):
     page = monitor.check_output(f"curl -fsS --max-time 10 {monitor.prometheus}/consoles/chat.html")
     assert "Open WebSockets" in page and "PromConsole.Graph" in page
-    releases = {r["metric"]["release"] for r in json.loads(monitor.check_output(
-        f"curl -fsS --max-time 10 {monitor.prometheus}/api/v1/query --data-urlencode "
-        "'query=count by (release) (chat_release_info)'"))["data"]["result"]}
+    releases = {r["metric"]["release"] for r in query(monitor, "count by (release) (chat_release_info)")}
     assert releases and all(f"<code>{release}</code>" in page for release in releases), releases
     # The scripts it draws with are served (Debian's Rickshaw).
     monitor.check_output(f"curl -fsS --max-time 10 -o /dev/null {monitor.prometheus}/classic/static/rickshaw/rickshaw.min.js")

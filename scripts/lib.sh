@@ -133,6 +133,26 @@ ensure_host_image() {
               systemd-remount-fs.service sys-kernel-config.mount; do
     ln -sf /dev/null "$rootfs/etc/systemd/system/$unit"
   done
+  # A real host's systemd makes / a shared mount at boot, so that a
+  # filesystem mounted later shows in the services' own mount namespaces
+  # (ProtectSystem=, PrivateTmp=); in a container it leaves the engine's
+  # slave mount as it is, and a sandboxed node exporter never saw the disk
+  # the fault checks mount and fill.
+  cat >"$rootfs/etc/systemd/system/chat-shared-root.service" <<'UNIT'
+[Unit]
+Description=Make / a shared mount, as systemd does on a real host
+DefaultDependencies=no
+Before=local-fs.target
+
+[Service]
+Type=oneshot
+ExecStart=/bin/mount --make-rshared /
+
+[Install]
+WantedBy=local-fs.target
+UNIT
+  mkdir -p "$rootfs/etc/systemd/system/local-fs.target.wants"
+  ln -sf ../chat-shared-root.service "$rootfs/etc/systemd/system/local-fs.target.wants/"
   echo "chat-host" >"$rootfs/etc/hostname"
   # sshd is there for the hosts that are reached over SSH (the cluster
   # scenario turns it on, with keys of each host's own); off everywhere else,

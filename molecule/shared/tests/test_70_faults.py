@@ -26,6 +26,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from clients import on_one_release, post_probe, report, stored_messages
+from monitoring import MONITORING, firing, monitoring_host, wait
 from traffic import Traffic
 
 CLOSE_TRY_AGAIN_LATER = 1013
@@ -501,8 +502,16 @@ def small_data_filesystem(host, daphne_instances):
         host.run(f"rm -f {copy}")
 
 
+# ChatDiskAlmostFull's for: 2m, a scrape and an evaluation (15 s each),
+# Alertmanager's group_wait (10 s), and as much again for a loaded machine.
+ALERT_WITHIN = 240
+
+
 @once
 def test_a_full_data_filesystem_is_reported_and_recovers(host, edge, small_data_filesystem):
+    """The app refuses posts with store_failed and says why in /healthz; the operator gets ChatDiskAlmostFull."""
+    name = host.backend.get_hostname()
+    monitor = monitoring_host() if MONITORING else None
     edge.wait_healthy(timeout=90)
     room = new_room("disk-full")
     traffic = room_traffic(edge, room)
@@ -511,13 +520,25 @@ def test_a_full_data_filesystem_is_reported_and_recovers(host, edge, small_data_
         # Fill it: dd stops at the first write that finds no space.
         host.run(f"dd if=/dev/zero of={DATA_DIR}/filler bs=1M status=none")
         assert host.run(f"df --output=avail -B1 {DATA_DIR} | tail -1").stdout.strip() == "0"
+        filled = time.monotonic()
         health = _health_check_fails(edge, "disk", "free in")
         time.sleep(6)  # posts meet the full disk
+        # The operator is told: the disk stays full (posts refused all along)
+        # until Alertmanager has the alert.
+        if monitor:
+            wait(lambda: firing(monitor, "ChatDiskAlmostFull", instance=name, mountpoint=DATA_DIR),
+                 ALERT_WITHIN, f"ChatDiskAlmostFull for {DATA_DIR} in Alertmanager")
+            alerted = time.monotonic() - filled
         host.run_expect([0], f"rm -f {DATA_DIR}/filler")
         recovery = recovery_after(traffic, edge, room, time.monotonic())
         time.sleep(2)
     report(f"fault data filesystem full: /healthz said {health['checks']['disk']!r}, "
            f"database check {health['checks']['database']!r}; posts refused meanwhile: {len(counts.refused)}")
+    if monitor:
+        resolved, _ = wait(lambda: not firing(monitor, "ChatDiskAlmostFull", instance=name, mountpoint=DATA_DIR),
+                           ALERT_WITHIN, "ChatDiskAlmostFull resolved")
+        report(f"Alerting: the data filesystem full, ChatDiskAlmostFull firing in Alertmanager {alerted:.0f} s "
+               f"after (the rule's for: 2m), resolved {resolved:.0f} s after space was freed")
     account("data filesystem full", host, room, counts, recovery, expect_drops=0, refused=True,
             live_at_least=LIVE_AT_LEAST)
     assert {code for _, code in counts.refused} <= {"store_failed"}, counts.refused

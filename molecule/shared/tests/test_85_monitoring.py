@@ -16,8 +16,6 @@ ChatDeployRolledBack.
 
 import calendar
 import json
-import re
-import shlex
 import time
 import uuid
 
@@ -25,9 +23,9 @@ import pytest
 import testinfra.utils.ansible_runner
 
 from clients import INVENTORY, edge_of, inventory_host, inventory_value, report, tcp_open
+from monitoring import MONITORING, api, firing, monitoring_host, query, targets, value, wait
 
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
-MONITORING = RUNNER.get_hosts("monitoring")
 ALL = RUNNER.get_hosts("all")
 
 pytestmark = pytest.mark.skipif(not MONITORING, reason="SKIPPED: no host in group monitoring")
@@ -41,49 +39,7 @@ EXPORTERS = {"node": "prometheus-node-exporter", "nginx": "prometheus-nginx-expo
 
 @pytest.fixture(scope="module")
 def monitor():
-    """The monitoring host, with where its Prometheus and Alertmanager answer (loopback, or the demo's address)."""
-    host = inventory_host(MONITORING[0])
-    for server, unit in (("prometheus", "prometheus"), ("alertmanager", "prometheus-alertmanager")):
-        address = re.search(r"--web[.]listen-address=([^ \"]+)", host.file(f"/etc/default/{unit}").content_string)
-        setattr(host, server, f"http://{address.group(1)}")
-    return host
-
-
-def api(monitor, url):
-    return json.loads(monitor.check_output(f"curl -fsS --max-time 10 {shlex.quote(url)}"))
-
-
-def targets(monitor):
-    return api(monitor, f"{monitor.prometheus}/api/v1/targets?state=active")["data"]["activeTargets"]
-
-
-def query(monitor, expr):
-    """The results of a PromQL expression, as Prometheus's API gives them."""
-    out = monitor.check_output(f"curl -fsS --max-time 10 {monitor.prometheus}/api/v1/query "
-                               f"--data-urlencode {shlex.quote('query=' + expr)}")
-    return json.loads(out)["data"]["result"]
-
-
-def value(monitor, expr):
-    """The value of a PromQL expression with one result (None: no result)."""
-    result = query(monitor, expr)
-    assert len(result) <= 1, result
-    return float(result[0]["value"][1]) if result else None
-
-
-def firing(monitor, alertname):
-    alerts = api(monitor, f"{monitor.alertmanager}/api/v2/alerts?active=true&silenced=false&inhibited=false")
-    return [alert for alert in alerts if alert["labels"]["alertname"] == alertname]
-
-
-def wait(condition, timeout, what):
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        result = condition()
-        if result:
-            return time.monotonic() - started, result
-        time.sleep(3)
-    pytest.fail(f"{what}: not within {timeout} s")
+    return monitoring_host()
 
 
 def in_group(group):
@@ -109,6 +65,13 @@ def test_every_target_is_up_and_named_after_its_host(monitor):
     assert by_job["prometheus"] and by_job["alertmanager"]
     report(f"Prometheus: {len(up)} targets up within {seconds:.0f} s of the check: "
            + ", ".join(f"{job} {len(names)}" for job, names in sorted(by_job.items())))
+    # What the monitoring costs on this layout (the README's figures).
+    series = value(monitor, "prometheus_tsdb_head_series")
+    samples = value(monitor, "sum(rate(prometheus_tsdb_head_samples_appended_total[2m]))")
+    resident = {job: value(monitor, f'sum(process_resident_memory_bytes{{job="{job}"}})') / 2**20
+                for job in ("prometheus", "alertmanager")}
+    report(f"Prometheus's cost: {series:.0f} series, {samples:.0f} samples/s, "
+           f"resident Prometheus {resident['prometheus']:.0f} MiB, Alertmanager {resident['alertmanager']:.0f} MiB")
 
 
 def test_the_app_metrics_count_exactly_what_a_client_did(monitor):

@@ -1,0 +1,66 @@
+"""Prometheus and Alertmanager on the monitoring host, asked as an operator would (curl on that host).
+
+test_85_monitoring checks the monitoring itself; other checks use these to
+see that the fault they cause fires its alert.
+"""
+
+import json
+import re
+import shlex
+import time
+
+import pytest
+import testinfra.utils.ansible_runner
+
+from clients import INVENTORY, inventory_host
+
+MONITORING = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("monitoring")
+
+
+def monitoring_host():
+    """The monitoring host, with where its Prometheus and Alertmanager answer (loopback, or the demo's address)."""
+    host = inventory_host(MONITORING[0])
+    for server, unit in (("prometheus", "prometheus"), ("alertmanager", "prometheus-alertmanager")):
+        address = re.search(r"--web[.]listen-address=([^ \"]+)", host.file(f"/etc/default/{unit}").content_string)
+        setattr(host, server, f"http://{address.group(1)}")
+    return host
+
+
+def api(monitor, url):
+    return json.loads(monitor.check_output(f"curl -fsS --max-time 10 {shlex.quote(url)}"))
+
+
+def targets(monitor):
+    return api(monitor, f"{monitor.prometheus}/api/v1/targets?state=active")["data"]["activeTargets"]
+
+
+def query(monitor, expr):
+    """The results of a PromQL expression, as Prometheus's API gives them."""
+    out = monitor.check_output(f"curl -fsS --max-time 10 {monitor.prometheus}/api/v1/query "
+                               f"--data-urlencode {shlex.quote('query=' + expr)}")
+    return json.loads(out)["data"]["result"]
+
+
+def value(monitor, expr):
+    """The value of a PromQL expression with one result (None: no result)."""
+    result = query(monitor, expr)
+    assert len(result) <= 1, result
+    return float(result[0]["value"][1]) if result else None
+
+
+def firing(monitor, alertname, **labels):
+    """The alerts named ALERTNAME (with LABELS) that Alertmanager has active, neither silenced nor inhibited."""
+    alerts = api(monitor, f"{monitor.alertmanager}/api/v2/alerts?active=true&silenced=false&inhibited=false")
+    return [alert for alert in alerts if alert["labels"]["alertname"] == alertname
+            and all(alert["labels"].get(name) == wanted for name, wanted in labels.items())]
+
+
+def wait(condition, timeout, what):
+    """Seconds until CONDITION() is true, and its result; fails the check after TIMEOUT seconds."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        result = condition()
+        if result:
+            return time.monotonic() - started, result
+        time.sleep(3)
+    pytest.fail(f"{what}: not within {timeout} s")

@@ -137,8 +137,9 @@ ensure_host_image() {
   # filesystem mounted later shows in the services' own mount namespaces
   # (ProtectSystem=, PrivateTmp=); in a container it leaves the engine's
   # slave mount as it is, and a sandboxed node exporter never saw the disk
-  # the fault checks mount and fill.
-  cat >"$rootfs/etc/systemd/system/chat-shared-root.service" <<'UNIT'
+  # the fault checks mount and fill. Not named chat-*: the app's sandbox
+  # drop-in (chat-.service.d) would apply to it and kill its mount call.
+  cat >"$rootfs/etc/systemd/system/make-root-shared.service" <<'UNIT'
 [Unit]
 Description=Make / a shared mount, as systemd does on a real host
 DefaultDependencies=no
@@ -152,7 +153,7 @@ ExecStart=/bin/mount --make-rshared /
 WantedBy=local-fs.target
 UNIT
   mkdir -p "$rootfs/etc/systemd/system/local-fs.target.wants"
-  ln -sf ../chat-shared-root.service "$rootfs/etc/systemd/system/local-fs.target.wants/"
+  ln -sf ../make-root-shared.service "$rootfs/etc/systemd/system/local-fs.target.wants/"
   echo "chat-host" >"$rootfs/etc/hostname"
   # sshd is there for the hosts that are reached over SSH (the cluster
   # scenario turns it on, with keys of each host's own); off everywhere else,

@@ -318,3 +318,38 @@ def test_an_exporter_missing_from_the_catalogue_is_refused(tmp_path):
                                 "chat_exporters_here: [node, nosuch]\n")
     rc, output = run_site(inventory)
     assert_refused_before_any_change(rc, output, "chat_exporters has no entry with a package for nosuch")
+
+
+def add_redis_hosts(tmp_path, count):
+    """Group redis: the probe host and COUNT more at TEST-NET-1 addresses (a replicated Redis of COUNT + 1)."""
+    (tmp_path / "hosts.yml").write_text(
+        (tmp_path / "hosts.yml").read_text() + "        redis:\n          hosts:\n            probe:\n"
+        + "".join(f"            redis{n}:\n              chat_private_address: 192.0.2.{20 + n}\n"
+                  for n in range(count)))
+
+
+@pytest.mark.parametrize("more", [1, 3], ids=["two", "four"])
+def test_an_even_number_of_redis_hosts_is_refused(tmp_path, more):
+    """Two or four sentinels: losing one (or a split in halves) leaves no majority to fail over."""
+    inventory = write_inventory(tmp_path, ["web", "app"])
+    add_redis_hosts(tmp_path, more)
+    rc, output = run_site(inventory)
+    assert_refused_before_any_change(rc, output, f"Group 'redis' has {more + 1} hosts", "a majority of the sentinels")
+
+
+@pytest.mark.parametrize("quorum", [1, 4])
+def test_a_sentinel_quorum_outside_the_majority_is_refused(tmp_path, quorum):
+    inventory = write_inventory(tmp_path, ["web", "app"], f"redis_sentinel_quorum: {quorum}\n")
+    add_redis_hosts(tmp_path, 2)
+    rc, output = run_site(inventory)
+    assert_refused_before_any_change(rc, output, f"redis_sentinel_quorum is {quorum} for 3 sentinels", "(2 to 3)")
+
+
+def test_three_redis_hosts_pass_the_inventory_checks(tmp_path):
+    """The control for the two above: three Redis hosts get past them (to the network check,
+    where the TEST-NET hosts, which do not exist, give no answer)."""
+    inventory = write_inventory(tmp_path, ["web", "app"])
+    add_redis_hosts(tmp_path, 2)
+    rc, output = run_site(inventory)
+    assert_refused_before_any_change(rc, output, "got no answer on the private network from 192.0.2.20")
+    assert "a majority of the sentinels" not in output and "redis_sentinel_quorum is" not in output

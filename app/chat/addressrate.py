@@ -19,9 +19,10 @@ import logging
 import time
 import uuid
 
-import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+
+from chatservice import redisconn
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +47,29 @@ def address_key(address):
     return str(ip)
 
 
-def _client(redis_url):
+def _client(target):
     loop = asyncio.get_running_loop()
-    client = _clients.get((loop, redis_url))
+    target = redisconn.of(target)
+    client = _clients.get((loop, target))
     if client is None:
         for key in [key for key in _clients if key[0].is_closed()]:
             del _clients[key]
-        client = _clients[(loop, redis_url)] = redis.asyncio.Redis.from_url(
-            redis_url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, retry=Retry(NoBackoff(), 0))
+        client = _clients[(loop, target)] = redisconn.async_client(
+            target, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, retry=Retry(NoBackoff(), 0))
     return client
 
 
-async def allow(redis_url, address, per_second, now=time.time):
-    """Whether one more message from address fits in per_second (0: no limit)."""
-    if not per_second or not address or not redis_url:
+async def allow(redis, address, per_second, now=time.time):
+    """Whether one more message from address fits in per_second (0: no limit).
+
+    redis: where to count, a redisconn.RedisTarget or a redis:// URL.
+    """
+    if not per_second or not address or not redis:
         return True
     key = KEY_PREFIX + address_key(address)
     at = now()
     try:
-        pipe = _client(redis_url).pipeline(transaction=False)
+        pipe = _client(redis).pipeline(transaction=False)
         pipe.zremrangebyscore(key, "-inf", at - 1).zadd(key, {f"{at}-{uuid.uuid4().hex[:8]}": at})
         _, _, count, _ = await pipe.zcount(key, at - 1, "+inf").expire(key, 2).execute()
     except Exception as error:  # Redis away: let the post through (see the module's doc)

@@ -100,7 +100,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             if refused is not None:
                 raise refused
             if frame["type"] == "message" and not await addressrate.allow(
-                    self.hub.redis_url, self.address, settings.CHAT_MESSAGES_PER_ADDRESS_PER_SECOND):
+                    self.hub.redis, self.address, settings.CHAT_MESSAGES_PER_ADDRESS_PER_SECOND):
                 raise ProtocolError("rate_limited", "too many messages from your address; slow down")
             await getattr(self, f"handle_{frame['type']}")(frame)
         except ProtocolError as error:

@@ -46,12 +46,12 @@ import random
 import time
 import uuid
 
-import redis.asyncio
 from channels.layers import get_channel_layer
 from django.conf import settings
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from chatservice import redisconn
 from chatservice.env import env_float, env_int
 
 from . import metrics, store
@@ -270,10 +270,11 @@ class _Room:
 class Hub:
     """One per event loop and channel layer: the process's member of every room group."""
 
-    def __init__(self, layer, redis_url=None):
+    def __init__(self, layer, redis=None):
         self.layer = layer
-        # The layer's Redis, asked directly by the watchdog; None: no watchdog.
-        self.redis_url = redis_url
+        # The layer's Redis (a redisconn.RedisTarget, or a URL), asked
+        # directly by the watchdog; None: no watchdog.
+        self.redis = redisconn.of(redis)
         self.watchdog = None
         self.loop = asyncio.get_running_loop()
         self.rooms = {}
@@ -355,7 +356,7 @@ class Hub:
                 # channel whose receive was cancelled (see _close).
                 self.channel = await self.layer.new_channel()
                 self.reader = self.loop.create_task(self._read())
-                if self.redis_url is not None:
+                if self.redis is not None:
                     self.watchdog = self.loop.create_task(self._watch())
             await self.layer.group_add(room.group, self.channel)
 
@@ -407,28 +408,39 @@ class Hub:
     # Channel layer outages ---------------------------------------------------
 
     async def _watch(self):
-        client = redis.asyncio.Redis.from_url(
-            self.redis_url, socket_timeout=WATCH_INTERVAL * 2, socket_connect_timeout=WATCH_INTERVAL * 2,
+        client = redisconn.async_client(
+            self.redis, socket_timeout=WATCH_INTERVAL * 2, socket_connect_timeout=WATCH_INTERVAL * 2,
             # One question, one answer: the watchdog itself is the retry.
             retry=Retry(NoBackoff(), 0))
         key = WATCH_KEY + uuid.uuid4().hex
-        # Whether a missing key means news (not on the first visit, nor after
-        # a failure, which started a recovery already).
+        # Whether a missing key, or another master named by the sentinels,
+        # means news (not on the first visit, nor after a failure, which
+        # started a recovery already).
         expect_key = False
+        master = None
         try:
             while True:
                 try:
+                    # Closes this process's connections to a master the
+                    # sentinels no longer name (see chatservice/redisconn.py).
+                    named = await redisconn.follow_master(client)
                     pipe = client.pipeline(transaction=False)
                     added, _ = await pipe.zadd(key, {"alive": 1}).expire(key, WATCH_TTL).execute()
                 except asyncio.CancelledError:
                     raise
                 except Exception as error:
                     expect_key = False
+                    master = None
                     self._layer_failed(error)
                 else:
-                    if added and expect_key:
+                    if master is not None and named != master:
+                        # What was published on the old master meanwhile is
+                        # lost to this process: recover as after a restart.
+                        self._layer_failed(f"Redis failed over to {redisconn.format_addresses([named])}")
+                    elif added and expect_key:
                         self._layer_failed("Redis lost its data: restarted")
                     expect_key = True
+                    master = named
                 await asyncio.sleep(WATCH_INTERVAL)
         finally:
             await client.aclose()
@@ -660,8 +672,7 @@ def get_hub():
         for old_loop in [old for old in _hubs if old.is_closed()]:
             del _hubs[old_loop]
         hosts = settings.CHANNEL_LAYERS.get("default", {}).get("CONFIG", {}).get("hosts") or [None]
-        address = hosts[0].get("address") if isinstance(hosts[0], dict) else hosts[0]
-        hub = _hubs[loop] = Hub(layer, redis_url=address)
+        hub = _hubs[loop] = Hub(layer, redis=hosts[0])
     return hub
 
 

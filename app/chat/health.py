@@ -5,9 +5,11 @@ import shutil
 import sys
 from pathlib import Path
 
-import redis
 from django.conf import settings
 from django.db import connection
+from redis.sentinel import MasterNotFoundError
+
+from chatservice import redisconn
 
 
 # The server a process runs under, told by what it has imported. WSGI is
@@ -83,9 +85,12 @@ def check_disk():
 
 
 def check_redis():
+    """"ok" or a short error text, and the master the PING reached
+    ("host:port") when the sentinels named one (None for a plain REDIS_URL)."""
+    target = redisconn.from_settings()
     timeout = settings.HEALTH_REDIS_TIMEOUT
-    client = redis.Redis.from_url(
-        settings.REDIS_URL,
+    client = redisconn.sync_client(
+        target,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         # A failed health check must answer now, not after redis-py's retries.
@@ -93,8 +98,12 @@ def check_redis():
     )
     try:
         client.ping()
+        master = redisconn.master_address(client)
+    except MasterNotFoundError:
+        # redis-py's own text is a repr of every sentinel's client.
+        return redisconn.explain_no_master(client)[:200], None
     except Exception as error:
-        return _describe(error)
+        return _describe(error), None
     finally:
         client.close()
-    return "ok"
+    return "ok", None if master is None else redisconn.format_addresses([master])

@@ -2,11 +2,15 @@
 
 import copy
 
-from django.db import transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from .models import Message, Room
+
+# PostgreSQL's read_only_sql_transaction: a write reached a server that
+# takes no writes (a standby, or a demoted primary).
+READ_ONLY_SQLSTATE = "25006"
 
 
 def post_message(room_name, nickname, body, client_id=None):
@@ -33,6 +37,32 @@ def post_messages(posts):
     seq and client ids: reading them unlocked would hand two posters the same
     seq, or store a resent post twice.
     """
+    try:
+        return _post_messages(posts)
+    except DatabaseError as error:
+        _drop_connection_if_read_only(error)
+        raise
+
+
+def _drop_connection_if_read_only(error):
+    """Closes the connection a write found read-only, so that the pool
+    replaces it instead of lending it out again.
+
+    Django's pool would take it back as it is, and every later post on it
+    would fail until it expired (psycopg_pool: an hour). A new connection
+    goes through libpq's host list again, where target_session_attrs=
+    read-write finds the primary. (A primary that is stopped or restarted,
+    as a failover does, breaks its connections, and the pool's check when
+    lending replaces those; the failed post gets store_failed either way.)
+    """
+    if getattr(error.__cause__, "sqlstate", None) == READ_ONLY_SQLSTATE and connection.connection is not None:
+        # Closed first: the pool discards a closed connection handed back,
+        # and keeps an open one.
+        connection.connection.close()
+        connection.close()
+
+
+def _post_messages(posts):
     posts = [tuple(post) + (None,) * (4 - len(post)) for post in posts]
     by_room = {}
     for index, (room_name, nickname, body, client_id) in enumerate(posts):

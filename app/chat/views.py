@@ -56,8 +56,8 @@ def room(request, room):
 @never_cache
 @require_safe
 def healthz(request):
-    checks = {"database": health.check_database(), "disk": health.check_disk(),
-              "redis": health.check_redis()}
+    redis_result, redis_master = health.check_redis()
+    checks = {"database": health.check_database(), "disk": health.check_disk(), "redis": redis_result}
     healthy = all(result == "ok" for result in checks.values())
     if not health.detail_allowed(request.META.get("HTTP_X_FORWARDED_FOR")):
         return JsonResponse({"status": "ok" if healthy else "fail"}, status=200 if healthy else 503)
@@ -75,4 +75,7 @@ def healthz(request):
         "database": connection.vendor,
         "checks": checks,
     }
+    if redis_master is not None:
+        # Through sentinels: which master answered, so a failover is visible from outside.
+        payload["redis_master"] = redis_master
     return JsonResponse(payload, status=200 if healthy else 503)

@@ -70,3 +70,30 @@ def env_networks(name, default=""):
                 f"{name}: {item!r} is not an IP network (10.0.5.0/24, 2001:db8::/64 or an address)."
             ) from error
     return networks
+
+
+def env_host_ports(name, default=""):
+    """A comma-separated list of HOST:PORT (a name, an IPv4 address or [IPv6]), as (host, port) pairs.
+
+    Unlike env_list, an empty item is an error: in a list of servers it is
+    a typo (a stray comma), not something to skip silently.
+    """
+    raw = os.environ.get(name, default)
+    if raw.strip() == "":
+        return []
+    pairs = []
+    for number, item in enumerate(raw.split(","), start=1):
+        item = item.strip()
+        if not item:
+            raise ImproperlyConfigured(f"{name}={raw!r}: entry {number} is empty.")
+        host, colon, port = item.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not colon or not host or ":" in host and not item.startswith("["):
+            raise ImproperlyConfigured(
+                f"{name}: {item!r} is not HOST:PORT (e.g. 10.0.0.5:26379, sentinel-1:26379, [2001:db8::5]:26379)."
+            )
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ImproperlyConfigured(f"{name}: {item!r} has no port 1-65535 after its last ':'.")
+        pairs.append((host, int(port)))
+    return pairs

@@ -6,6 +6,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from . import redisconn
 from .env import env_int, env_str
 
 BACKENDS = {
@@ -18,8 +19,9 @@ def redis_pool_options():
     """Keyword arguments that channels_redis hands to redis-py's ConnectionPool.
 
     Both layers pass every key of a hosts dict except "address" straight to
-    ``redis.asyncio.ConnectionPool.from_url(address, **options)``
-    (channels_redis.utils.create_pool), which is how these reach redis-py.
+    ``redis.asyncio.ConnectionPool.from_url(address, **options)``, or, through
+    sentinels, to ``SentinelConnectionPool`` (channels_redis.utils.create_pool;
+    see redisconn.layer_host), which is how these reach redis-py.
     """
     return {
         # redis-py 8 defaults socket_timeout to 5 s, the same length as the core
@@ -61,9 +63,7 @@ def build_channel_layers():
         raise ImproperlyConfigured(
             f"CHANNEL_LAYER={name!r} is not supported; use 'core' or 'pubsub'."
         )
-    host = {"address": env_str("REDIS_URL", "redis://127.0.0.1:6379/0")}
-    host.update(redis_pool_options())
-    config = {"hosts": [host]}
+    config = {"hosts": [redisconn.layer_host(redisconn.from_env(), redis_pool_options())]}
     if name == "core":
         # Only the core layer buffers per channel; the pub/sub layer ignores these.
         # The channel is the process's hub (all its rooms), not one socket:

@@ -5,10 +5,10 @@ README.md lists each variable with its default.
 
 from pathlib import Path
 
-import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from .env import env_bool, env_float, env_int, env_list, env_networks, env_str
+from . import dburl
+from .env import env_bool, env_float, env_host_ports, env_int, env_list, env_networks, env_str
 from .layers import build_channel_layers
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -105,7 +105,10 @@ INTERFACE = env_str("CHAT_INTERFACE", "wsgi")
 DATA_DIR = Path(env_str("DATA_DIR", str(BASE_DIR)))
 _conn_max_age = 0 if INTERFACE == "asgi" else env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0)
 DATABASES = {
-    "default": dj_database_url.parse(
+    # PostgreSQL may name several hosts (chatservice/dburl.py): with
+    # ?target_session_attrs=read-write, libpq connects to whichever is the
+    # primary, so a failover needs no change here.
+    "default": dburl.parse(
         env_str("DATABASE_URL", f"sqlite:///{DATA_DIR / 'db.sqlite3'}"),
         conn_max_age=_conn_max_age,
         conn_health_checks=_conn_max_age > 0,
@@ -145,7 +148,19 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis and the channel layer ----------------------------------------------
+# Every Redis connection (channel layer, watchdog, rate limit, /healthz) is
+# built by chatservice/redisconn.py from these.
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+# HOST:PORT,HOST:PORT,... of Redis Sentinels; empty: REDIS_URL is the Redis.
+# Set, the app asks them for the master of REDIS_SENTINEL_MASTER whenever it
+# connects, so a failover needs no change here and no restart, and REDIS_URL
+# gives only the data nodes' user, password and database number.
+REDIS_SENTINELS = env_host_ports("REDIS_SENTINELS")
+REDIS_SENTINEL_MASTER = env_str("REDIS_SENTINEL_MASTER").strip() or "chat"
+# The sentinels' own credentials (Redis 6.2+ ACL user, or their requirepass
+# with the username empty); empty: they ask for none.
+REDIS_SENTINEL_USERNAME = env_str("REDIS_SENTINEL_USERNAME")
+REDIS_SENTINEL_PASSWORD = env_str("REDIS_SENTINEL_PASSWORD")
 CHANNEL_LAYERS = build_channel_layers()
 # /healthz must answer quickly even when Redis is unreachable.
 HEALTH_REDIS_TIMEOUT = env_float("HEALTH_REDIS_TIMEOUT", 2.0, minimum=0.1)

@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import time
 
+import django.db
+import psycopg
 import pytest
 from channels.db import database_sync_to_async
 from channels.layers import channel_layers, get_channel_layer
@@ -218,6 +220,71 @@ async def test_a_failed_write_gets_an_error_frame_and_the_socket_stays_open(join
     await send_message(alice, "accepted")
     [message], _ = await receive_messages(alice, 1, timeout=5)
     assert (message["seq"], message["body"]) == (1, "accepted")
+
+
+def _django_wrapped(psycopg_error, django_class):
+    """The error Django raises for a psycopg one (django.db.utils.DatabaseErrorWrapper)."""
+    try:
+        raise psycopg_error
+    except psycopg.Error as error:
+        raise django_class(*error.args) from error
+
+
+@pytest.mark.parametrize("error", [
+    # A demoted primary (or a standby) answering a write.
+    lambda: _django_wrapped(psycopg.errors.ReadOnlySqlTransaction(
+        "cannot execute SELECT FOR UPDATE in a read-only transaction"), django.db.utils.InternalError),
+    # The primary going away under a connection, or a failover's restart.
+    lambda: _django_wrapped(psycopg.errors.AdminShutdown(
+        "terminating connection due to administrator command"), django.db.utils.OperationalError),
+    lambda: _django_wrapped(psycopg.OperationalError(
+        "connection failed: connection to server at 10.0.0.4 port 5432 failed"), django.db.utils.OperationalError),
+    lambda: _django_wrapped(psycopg.InterfaceError("the connection is closed"), django.db.utils.InterfaceError),
+], ids=["read-only", "admin-shutdown", "unreachable", "closed"])
+async def test_a_leader_change_under_a_write_gets_store_failed(join, room, monkeypatch, error):
+    """What a PostgreSQL failover throws at a write reaches the sender as
+    store_failed; the socket stays open and the next post is stored."""
+    alice, _ = await join(room)
+    real = store._post_messages
+
+    def failing(posts):
+        error()
+
+    monkeypatch.setattr(store, "_post_messages", failing)
+    await alice.send_json_to({"type": "message", "nickname": "alice", "body": "refused", "client_id": "p-2"})
+    frame = await alice.receive_json_from(timeout=5)
+    assert (frame["type"], frame["code"], frame["client_id"]) == ("error", "store_failed", "p-2")
+    monkeypatch.setattr(store, "_post_messages", real)
+    await send_message(alice, "accepted")
+    [message], _ = await receive_messages(alice, 1, timeout=5)
+    assert (message["seq"], message["body"]) == (1, "accepted")
+
+
+@pytest.mark.parametrize("read_only", [True, False])
+def test_a_connection_found_read_only_leaves_the_pool(monkeypatch, read_only):
+    """Django's pool would lend it out again, and every post on it would fail
+    (until psycopg_pool expires it, an hour later); closed, it is replaced,
+    and libpq looks for the primary again."""
+    closed = []
+
+    class Raw:
+        def close(self):
+            closed.append("raw")
+
+    class Wrapper:
+        connection = Raw()
+
+        def close(self):
+            closed.append("django")
+
+    monkeypatch.setattr(store, "connection", Wrapper())
+    cause = psycopg.errors.ReadOnlySqlTransaction("read-only") if read_only else psycopg.OperationalError("gone")
+    monkeypatch.setattr(store, "_post_messages",
+                        lambda posts: _django_wrapped(cause, django.db.utils.InternalError))
+    with pytest.raises(django.db.DatabaseError):
+        store.post_messages([("room", "alice", "hi")])
+    # The raw connection first, or Django's pool would take it back open.
+    assert closed == (["raw", "django"] if read_only else [])
 
 
 async def test_a_failed_history_read_gets_an_error_frame(join, room, monkeypatch):

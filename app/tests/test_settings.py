@@ -12,7 +12,8 @@ from channels_redis.core import RedisChannelLayer
 from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.core.exceptions import ImproperlyConfigured
 
-from chatservice.env import env_bool, env_list
+from chatservice import dburl, redisconn
+from chatservice.env import env_bool, env_host_ports, env_list
 from chatservice.layers import build_channel_layers
 
 from .conftest import layers_for, redis_server
@@ -204,6 +205,14 @@ def test_postgresql_url_and_asgi_connection_lifetime():
         ({"REDIS_MAX_CONNECTIONS": "lots"}, "REDIS_MAX_CONNECTIONS='lots' is not an integer"),
         ({"CHAT_RATE_BURST": "0"}, "CHAT_RATE_BURST=0 must be at least 1"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL='LOUD' is not one of"),
+        ({"REDIS_SENTINELS": "10.0.0.1:26379,10.0.0.2"}, "REDIS_SENTINELS: '10.0.0.2' is not HOST:PORT"),
+        ({"REDIS_SENTINELS": "10.0.0.1:26379,,10.0.0.3:26379"},
+         "REDIS_SENTINELS='10.0.0.1:26379,,10.0.0.3:26379': entry 2 is empty"),
+        ({"REDIS_SENTINELS": "10.0.0.1:26379,"}, "entry 2 is empty"),
+        ({"REDIS_SENTINELS": "sentinel-1:263x9"}, "REDIS_SENTINELS: 'sentinel-1:263x9' has no port 1-65535"),
+        ({"REDIS_SENTINELS": "sentinel-1:70000"}, "REDIS_SENTINELS: 'sentinel-1:70000' has no port 1-65535"),
+        ({"DATABASE_URL": "postgres://chat:pw@10.0.0.4:5432,10.0.0.5:54x2/chat"},
+         "DATABASE_URL: host 2 of its list, '10.0.0.5:54x2', is not HOST, HOST:PORT"),
     ],
 )
 def test_malformed_values_stop_start_up(env, message):
@@ -296,3 +305,145 @@ async def test_pool_options_reach_redis_py(kind, monkeypatch, tmp_path):
             assert connection.retry.get_retries() == 3
         finally:
             await layer.flush()
+
+
+# Redis Sentinel ------------------------------------------------------------------
+
+def test_env_host_ports(monkeypatch):
+    monkeypatch.setenv("SENTINELS", " 10.0.0.1:26379, sentinel-2:26380 ,[2001:db8::3]:26381")
+    assert env_host_ports("SENTINELS") == [("10.0.0.1", 26379), ("sentinel-2", 26380), ("2001:db8::3", 26381)]
+    monkeypatch.setenv("SENTINELS", "  ")
+    assert env_host_ports("SENTINELS") == []
+    monkeypatch.delenv("SENTINELS")
+    assert env_host_ports("SENTINELS") == []
+    for bad in ("10.0.0.1", ":26379", "2001:db8::3:26379", "[2001:db8::3]", "a:1,b", "a:0"):
+        monkeypatch.setenv("SENTINELS", bad)
+        with pytest.raises(ImproperlyConfigured, match="SENTINELS"):
+            env_host_ports("SENTINELS")
+
+
+@pytest.mark.parametrize("kind", ["core", "pubsub"])
+def test_sentinel_layer_config(monkeypatch, kind):
+    """With REDIS_SENTINELS, both layers get channels_redis's sentinel form of a
+    hosts entry: the master's credentials and database from REDIS_URL (its
+    host unused), the sentinels' own credentials in sentinel_kwargs, and the
+    pool options as without sentinels."""
+    monkeypatch.setenv("CHANNEL_LAYER", kind)
+    monkeypatch.setenv("REDIS_URL", "redis://chat:data%40pw@ignored:1/3")
+    monkeypatch.setenv("REDIS_SENTINELS", "10.0.0.1:26379, 10.0.0.2:26379,sentinel-3:26380")
+    monkeypatch.setenv("REDIS_SENTINEL_MASTER", "chat-prod")
+    monkeypatch.setenv("REDIS_SENTINEL_USERNAME", "chat-app")
+    monkeypatch.setenv("REDIS_SENTINEL_PASSWORD", "sentinel-pw")
+    monkeypatch.setenv("REDIS_RETRIES", "5")
+    [host] = build_channel_layers()["default"]["CONFIG"]["hosts"]
+    retry = host.pop("retry")
+    sentinel_retry = host["sentinel_kwargs"].pop("retry")
+    assert host == {
+        "sentinels": [("10.0.0.1", 26379), ("10.0.0.2", 26379), ("sentinel-3", 26380)],
+        "master_name": "chat-prod",
+        "sentinel_kwargs": {"socket_timeout": 5 / 3, "socket_connect_timeout": 5 / 3,
+                            "username": "chat-app", "password": "sentinel-pw"},
+        "connection_class": redisconn.FollowingConnection,
+        "username": "chat",
+        "password": "data@pw",
+        "db": 3,
+        "socket_timeout": None,
+        "socket_connect_timeout": 5,
+        "max_connections": 1000,
+        "health_check_interval": 15,
+    }
+    assert retry.get_retries() == 5
+    # A sentinel that does not answer is not retried: the next one is asked.
+    assert sentinel_retry.get_retries() == 0
+
+
+def test_sentinel_settings_and_their_defaults():
+    values = read_settings(
+        {"SECRET_KEY": "k", "REDIS_SENTINELS": "10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379"},
+        "REDIS_SENTINELS", "REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_USERNAME", "REDIS_SENTINEL_PASSWORD",
+        "CHANNEL_LAYERS",
+    )
+    assert values["REDIS_SENTINELS"] == [["10.0.0.1", 26379], ["10.0.0.2", 26379], ["10.0.0.3", 26379]]
+    assert values["REDIS_SENTINEL_MASTER"] == "chat"
+    assert values["REDIS_SENTINEL_USERNAME"] == values["REDIS_SENTINEL_PASSWORD"] == ""
+    host = values["CHANNEL_LAYERS"]["default"]["CONFIG"]["hosts"][0]
+    assert host["master_name"] == "chat"
+    assert "username" not in host["sentinel_kwargs"] and "password" not in host["sentinel_kwargs"]
+    assert (host["db"], "password" in host) == (0, False)
+    # Without sentinels nothing of them reaches the layer (test_production_defaults).
+    assert read_settings({"SECRET_KEY": "k"}, "REDIS_SENTINELS")["REDIS_SENTINELS"] == []
+
+
+def test_a_redis_url_sentinels_cannot_use_stops_start_up_without_showing_it():
+    result = settings_under({"SECRET_KEY": "k", "REDIS_SENTINELS": "10.0.0.1:26379",
+                             "REDIS_URL": "rediss://:data-pw@redis.internal:6380/0"})
+    assert result.returncode != 0
+    assert "REDIS_URL must be redis://" in result.stderr
+    assert "data-pw" not in result.stderr
+
+
+def test_a_target_from_a_layers_hosts_entry_is_the_one_from_settings(monkeypatch):
+    """The hub's watchdog and the rate limit take their Redis from the layer's
+    hosts entry (redisconn.of): the same master, credentials and database."""
+    monkeypatch.setenv("REDIS_URL", "redis://:data-pw@ignored/2")
+    monkeypatch.setenv("REDIS_SENTINELS", "10.0.0.1:26379,10.0.0.2:26379")
+    monkeypatch.setenv("REDIS_SENTINEL_PASSWORD", "sentinel-pw")
+    [host] = build_channel_layers()["default"]["CONFIG"]["hosts"]
+    assert redisconn.of(host) == redisconn.from_env()
+    assert redisconn.of({"address": "redis://x:6379/0"}) == redisconn.of("redis://x:6379/0")
+    target = redisconn.from_env()
+    assert "pw" not in repr(target) + str(target)
+    assert str(target) == "master 'chat' of sentinels 10.0.0.1:26379, 10.0.0.2:26379"
+
+
+# PostgreSQL with several hosts ------------------------------------------------------
+
+def test_a_postgresql_url_with_several_hosts_becomes_libpqs_lists():
+    values = read_settings(
+        {"SECRET_KEY": "k", "CHAT_INTERFACE": "asgi",
+         "DATABASE_URL": "postgres://chat:p%40w@10.0.0.4:5432,10.0.0.5:5432,10.0.0.6:5432/chat"
+                         "?target_session_attrs=read-write&connect_timeout=3&sslmode=require"},
+        "DATABASES",
+    )
+    database = values["DATABASES"]["default"]
+    assert database["ENGINE"] == "django.db.backends.postgresql"
+    assert (database["HOST"], database["PORT"]) == ("10.0.0.4,10.0.0.5,10.0.0.6", "5432,5432,5432")
+    assert (database["NAME"], database["USER"], database["PASSWORD"]) == ("chat", "chat", "p@w")
+    assert database["OPTIONS"] == {
+        "target_session_attrs": "read-write", "connect_timeout": 3, "sslmode": "require",
+        "pool": {"min_size": 1, "max_size": 4, "timeout": 3.0},
+    }
+    assert (database["CONN_MAX_AGE"], database["CONN_HEALTH_CHECKS"]) == (0, True)
+
+
+@pytest.mark.parametrize("url, host, port", [
+    ("postgres://chat:pw@db1,db2,db3/chat", "db1,db2,db3", ""),
+    ("postgresql://chat:pw@db1:5433,db2/chat", "db1,db2", "5433,"),
+    ("postgres://chat:pw@[2001:db8::4]:5432,[2001:db8::5]:5432/chat", "2001:db8::4,2001:db8::5", "5432,5432"),
+    ("postgres://%2Fvar%2Frun%2Fpostgresql,db2:5432/chat", "/var/run/postgresql,db2", ",5432"),
+])
+def test_postgresql_host_lists(url, host, port):
+    database = dburl.parse(url)
+    assert (database["HOST"], database["PORT"], database["NAME"]) == (host, port, "chat")
+
+
+@pytest.mark.parametrize("url", [
+    "postgres://chat:pw@db.internal:5432/chat?sslmode=require&connect_timeout=3",
+    "postgres://chat:pw@db.internal/chat",
+    "sqlite:////srv/chat/db.sqlite3",
+    "sqlite://:memory:",
+    "mysql://chat:pw@db1:3306/chat",
+])
+def test_a_url_with_one_host_is_parsed_as_ever(url):
+    import dj_database_url
+
+    assert dburl.parse(url, conn_max_age=5) == dj_database_url.parse(url, conn_max_age=5)
+
+
+@pytest.mark.parametrize("hosts", [
+    "db1,,db3", "db1:5432,:5432", "db1,db2:port", "db1,[2001:db8::5", "db1,db2:0",
+])
+def test_a_bad_host_list_names_the_host_not_the_password(hosts):
+    with pytest.raises(ImproperlyConfigured, match="DATABASE_URL: host [0-9] of its list") as error:
+        dburl.parse(f"postgres://chat:s3cret@{hosts}/chat")
+    assert "s3cret" not in str(error.value)

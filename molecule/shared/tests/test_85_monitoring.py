@@ -32,7 +32,8 @@ pytestmark = pytest.mark.skipif(not MONITORING, reason="SKIPPED: no host in grou
 
 RULES = ["ChatTargetDown", "ChatNoDaphneServing", "ChatUnitFailed", "ChatDiskFilling", "ChatDiskAlmostFull",
          "ChatServerDown", "ChatEdgeErrors", "ChatFanoutSlow", "ChatHandshakesRefused", "ChatRedisMemoryHigh",
-         "ChatBackupTooOld", "ChatDeployRolledBack"]
+         "ChatBackupTooOld", "ChatDeployRolledBack", "ChatRedisReplicaLinkDown", "ChatRedisPrimaries",
+         "ChatRedisFailedOver"]
 EXPORTERS = {"node": "prometheus-node-exporter", "nginx": "prometheus-nginx-exporter", "edge": "mtail",
              "redis": "prometheus-redis-exporter", "postgres": "prometheus-postgres-exporter"}
 

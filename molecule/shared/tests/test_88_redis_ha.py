@@ -1,0 +1,245 @@
+"""Redis replicated and watched by Sentinel: the primary moves, or dies, and the chat goes on.
+
+Runs once for the inventory where group redis has three hosts or more (the
+cluster scenario): one primary, the others its replicas, a sentinel on each
+that agrees with the others; each login may do what it needs only; the
+sentinels are closed to the web host. Then, under a room's traffic (half the
+clients reconnecting at once): a planned switchover (playbooks/switchover.yml)
+fails no request and refuses no post; the primary's host killed (`docker
+kill`, no clean stop) is replaced by a replica within 10 s with no socket
+dropped and nothing acknowledged lost; started again, it comes back as a
+replica by itself, and a rerun of site.yml changes nothing.
+"""
+
+import time
+
+import docker
+import pytest
+import testinfra.utils.ansible_runner
+
+from clients import (INVENTORY, changed_per_host, edge_of, inventory_host, inventory_value, report, run_playbook,
+                     tcp_open)
+from monitoring import MONITORING, firing, monitoring_host, wait
+from test_70_faults import SENDERS, SOCKETS, account, new_room, recovery_after
+from traffic import Traffic
+
+RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
+REDIS_HOSTS = RUNNER.get_hosts("redis")
+
+pytestmark = pytest.mark.skipif(len(REDIS_HOSTS) < 3, reason="SKIPPED: one Redis host, no Sentinel")
+
+MASTER = "chat"
+SENTINEL_PORT, REDIS_PORT = 26379, 6379
+# The issue's bound: new messages flow again within 10 s of the primary's death.
+FAILOVER_WITHIN = 10.0
+
+on = inventory_host
+
+
+@pytest.fixture(scope="module")
+def secrets():
+    name = REDIS_HOSTS[0]
+    return {"admin": inventory_value(name, "chat_redis_admin_password"),
+            "app": inventory_value(name, "chat_redis_password")}
+
+
+@pytest.fixture(scope="module")
+def edge():
+    return edge_of(on(RUNNER.get_hosts("web")[0]))
+
+
+def address(name):
+    """A host's private address: its only interface's (the scenario's network)."""
+    return on(name).check_output("hostname -I").split()[0]
+
+
+def cli(host, password, port, *command, user="admin"):
+    """redis-cli on HOST as USER (the password through REDISCLI_AUTH), its answer's lines."""
+    arguments = " ".join(["%s"] * len(command))
+    result = host.run(f"REDISCLI_AUTH=%s redis-cli --user %s --no-auth-warning -p %s {arguments}",
+                      password, user, str(port), *command)
+    return result.stdout.splitlines()
+
+
+def roles(secrets):
+    return {name: cli(on(name), secrets["admin"], REDIS_PORT, "ROLE") for name in REDIS_HOSTS}
+
+
+def primaries(secrets, names=REDIS_HOSTS):
+    """What each sentinel says the primary is."""
+    return {name: cli(on(name), secrets["admin"], SENTINEL_PORT, "SENTINEL", "GET-MASTER-ADDR-BY-NAME",
+                      MASTER)[:1] for name in names}
+
+
+def agreed_primary(secrets, names=REDIS_HOSTS):
+    """The primary's address if every sentinel of NAMES names the same one, else None."""
+    said = {tuple(answer) for answer in primaries(secrets, names).values()}
+    return said.pop()[0] if len(said) == 1 and () not in said else None
+
+
+def primary_host(secrets):
+    addresses = {address(name): name for name in REDIS_HOSTS}
+    primary = agreed_primary(secrets)
+    assert primary in addresses, primaries(secrets)
+    return addresses[primary]
+
+
+def wait_for(condition, timeout, what):
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(0.5)
+    pytest.fail(f"{what}: not within {timeout} s")
+
+
+def booted(name):
+    """Whether the host answers over SSH and systemd has started what it starts at boot."""
+    try:
+        return on(name).run("systemctl is-system-running --wait").rc in (0, 1)
+    except Exception:  # noqa: BLE001 - sshd not up yet: Ansible reports the host unreachable
+        return False
+
+
+def test_one_primary_its_replicas_and_sentinels_that_agree(secrets):
+    current = roles(secrets)
+    masters = [name for name, role in current.items() if role[:1] == ["master"]]
+    assert len(masters) == 1, current
+    primary = address(masters[0])
+    for name, role in current.items():
+        if name != masters[0]:
+            assert role[:2] == ["slave", primary] and role[3] == "connected", (name, role)
+    assert set(map(tuple, primaries(secrets).values())) == {(primary,)}
+    for name in REDIS_HOSTS:
+        host = on(name)
+        quorum = cli(host, secrets["admin"], SENTINEL_PORT, "SENTINEL", "CKQUORUM", MASTER)
+        assert quorum[0].startswith(f"OK {len(REDIS_HOSTS)} usable Sentinels"), (name, quorum)
+        lines = cli(host, secrets["admin"], SENTINEL_PORT, "SENTINEL", "MASTER", MASTER)
+        settings = dict(zip(lines[::2], lines[1::2]))
+        assert settings["num-slaves"] == str(len(REDIS_HOSTS) - 1), (name, settings)
+        assert settings["num-other-sentinels"] == str(len(REDIS_HOSTS) - 1), (name, settings)
+        assert settings["quorum"] == str(len(REDIS_HOSTS) // 2 + 1), (name, settings)
+    report(f"Redis: primary {masters[0]}, {len(REDIS_HOSTS) - 1} replicas connected, "
+           f"{len(REDIS_HOSTS)} sentinels agreeing (quorum {len(REDIS_HOSTS) // 2 + 1})")
+
+
+# A client on a host without redis-cli (the app hosts): python3 and a
+# socket. argv: address port user password command...; an empty user sends
+# no AUTH. Prints each answer on a line (RESP, its line ends as spaces).
+RESP = """
+import socket, sys
+address, port, user, password, *command = sys.argv[1:]
+sock = socket.create_connection((address, int(port)), timeout=5)
+def ask(*words):
+    sock.sendall(("*%d\\r\\n" % len(words) + "".join("$%d\\r\\n%s\\r\\n" % (len(w), w) for w in words)).encode())
+    print(sock.recv(4096).decode().replace("\\r\\n", " ").strip())
+if user:
+    ask("AUTH", user, password)
+ask(*command)
+"""
+
+
+def ask_from(host, target, port, user, password, *command):
+    return host.check_output("python3 -c %s %s %s %s %s " + " ".join(["%s"] * len(command)),
+                             RESP, target, str(port), user, password, *command).splitlines()
+
+
+def test_each_login_does_what_it_needs_only(secrets):
+    """From an app host, as the app logs in: it finds the primary, and can do nothing else on a sentinel."""
+    app = on(RUNNER.get_hosts("app")[0])
+    sentinel = address(REDIS_HOSTS[0])
+    found = ask_from(app, sentinel, SENTINEL_PORT, "chat", secrets["app"], "SENTINEL", "GET-MASTER-ADDR-BY-NAME",
+                     MASTER)
+    assert found == ["+OK", f"*2 ${len(address(primary_host(secrets)))} {address(primary_host(secrets))} $4 6379"], found
+    refused = ask_from(app, sentinel, SENTINEL_PORT, "chat", secrets["app"], "SENTINEL", "FAILOVER", MASTER)
+    assert refused[0] == "+OK" and refused[1].startswith("-NOPERM"), refused
+    anonymous = ask_from(app, sentinel, SENTINEL_PORT, "", "", "PING")
+    assert anonymous[0].startswith("-NOAUTH"), anonymous
+    # The replication user reads no key.
+    replica = cli(on(REDIS_HOSTS[0]), secrets["admin"], REDIS_PORT, "ACL", "DRYRUN", "replica", "GET", "asgi:x")
+    assert "no permissions" in replica[0], replica
+
+
+def test_the_sentinels_are_closed_to_the_web_host():
+    """The app hosts and the other Redis hosts reach every sentinel; the web host reaches no Redis port."""
+    lb = on(RUNNER.get_hosts("web")[0])
+    app = on(RUNNER.get_hosts("app")[0])
+    for name in REDIS_HOSTS:
+        target = address(name)
+        peer = on(next(other for other in REDIS_HOSTS if other != name))
+        assert tcp_open(app, target, SENTINEL_PORT), f"the app host cannot reach the sentinel on {name}"
+        assert tcp_open(peer, target, SENTINEL_PORT), f"the other Redis hosts cannot reach the sentinel on {name}"
+        assert tcp_open(peer, target, REDIS_PORT), f"the other Redis hosts cannot reach Redis on {name}"
+        for port in (SENTINEL_PORT, REDIS_PORT):
+            assert not tcp_open(lb, target, port), f"the web host reaches {name}:{port}"
+
+
+def room_traffic(edge, room):
+    # Half the clients reconnect at once after a close, as harsh clients do.
+    return Traffic(edge, room, http_clients=2, sockets=SOCKETS, senders=SENDERS, path="/",
+                   max_seconds=300, at_once=0.5)
+
+
+def test_a_planned_switchover_fails_no_request_and_refuses_no_post(secrets, edge):
+    before = primary_host(secrets)
+    target = next(name for name in REDIS_HOSTS if name != before and name not in RUNNER.get_hosts("db"))
+    room = new_room("redis-switchover")
+    traffic = room_traffic(edge, room)
+    with traffic as counts:
+        time.sleep(3)
+        result = run_playbook("playbooks/switchover.yml", "-e", f"chat_switchover_redis={target}")
+        assert result.returncode == 0, result.stdout[-3000:]
+        moved = time.monotonic()
+        recovery = recovery_after(traffic, edge, room, moved)
+        time.sleep(3)
+    assert primary_host(secrets) == target
+    report(f"Redis switchover {before} -> {target}: playbook {result.seconds:.0f} s")
+    account("redis switchover", on(RUNNER.get_hosts("app")[0]), room, counts, recovery, expect_drops=0,
+            refused=False)
+    assert counts.ws_failed_handshakes == [], counts.ws_failed_handshakes[:5]
+
+
+def test_the_primary_host_killed_fails_over_and_comes_back_as_a_replica(secrets, edge):
+    victim = primary_host(secrets)
+    assert victim not in RUNNER.get_hosts("db"), "the check kills a Redis host that holds no database"
+    victim_address = address(victim)
+    container = docker.from_env().containers.get(victim)
+    others = [name for name in REDIS_HOSTS if name != victim]
+    room = new_room("redis-primary-killed")
+    traffic = room_traffic(edge, room)
+    try:
+        with traffic as counts:
+            time.sleep(3)
+            container.kill()
+            killed = time.monotonic()
+            promoted = wait_for(lambda: agreed_primary(secrets, others) not in (None, victim_address), 30,
+                                "the other sentinels agreeing on a new primary")
+            # From the kill until a message posted now has reached every
+            # socket: the channel layer has a primary again.
+            recovery = recovery_after(traffic, edge, room, killed)
+            time.sleep(3)
+    finally:
+        container.reload()
+        if container.status != "running":
+            container.start()
+    report(f"Redis primary {victim} killed: the other sentinels named a new primary {promoted:.1f} s after, "
+           f"messages reached every socket again {recovery:.1f} s after the kill")
+    account("redis primary killed", on(RUNNER.get_hosts("app")[0]), room, counts, recovery, expect_drops=0,
+            refused=None)
+    assert recovery <= FAILOVER_WITHIN, f"messages flowed again only after {recovery:.1f} s"
+
+    # Back: the same address, and a replica of the new primary by itself.
+    wait_for(lambda: booted(victim), 120, f"{victim} booted")
+    assert address(victim) == victim_address, "the restarted host got another address on the scenario's network"
+    new_primary = address(primary_host(secrets))
+    back = wait_for(lambda: cli(on(victim), secrets["admin"], REDIS_PORT, "ROLE")[:2] == ["slave", new_primary],
+                    120, f"{victim} a replica of {new_primary} again")
+    report(f"Redis: {victim} started again, a replica of the new primary {back:.0f} s later")
+    if MONITORING:
+        # The operator is told: the primary moved (the alert lasts 10 minutes).
+        monitor = monitoring_host()
+        seconds, _ = wait(lambda: firing(monitor, "ChatRedisFailedOver"), 120, "ChatRedisFailedOver in Alertmanager")
+        report(f"Alerting: ChatRedisFailedOver firing in Alertmanager {seconds:.0f} s after the check asked")
+    rerun = run_playbook("site.yml")
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    assert set(changed_per_host(rerun.stdout).values()) == {0}, changed_per_host(rerun.stdout)

@@ -347,4 +347,6 @@ def stored_messages(host, room):
     query = ("import json; from chat.models import Message; print(json.dumps(list("
              f"Message.objects.filter(room__name={room!r}).order_by('seq').values_list('seq', 'body'))))")
     out = host.check_output(f"chat-manage shell -c {shlex.quote(query)}")
-    return dict(json.loads(out.strip().splitlines()[-1]))
+    # The app's log lines share stdout: on Debian 13 psycopg's pool warns at
+    # exit, after the answer.
+    return dict(json.loads(next(line for line in reversed(out.splitlines()) if line.startswith("["))))

@@ -308,6 +308,17 @@ def app_copy(tmp_path, name, change=None):
     return target
 
 
+def wait(condition, timeout, what, interval=3):
+    """Seconds until CONDITION() is true, and its result; fails the check after TIMEOUT seconds."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        result = condition()
+        if result:
+            return time.monotonic() - started, result
+        time.sleep(interval)
+    pytest.fail(f"{what}: not within {timeout} s")
+
+
 def tcp_open(host, address, port):
     """Whether host can open a TCP connection to address:port (3 s at most)."""
     return host.run("timeout 3 bash -c %s", f"</dev/tcp/{address}/{port}").rc == 0

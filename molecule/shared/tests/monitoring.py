@@ -7,9 +7,7 @@ see that the fault they cause fires its alert.
 import json
 import re
 import shlex
-import time
 
-import pytest
 import testinfra.utils.ansible_runner
 
 from clients import INVENTORY, inventory_host
@@ -53,14 +51,3 @@ def firing(monitor, alertname, **labels):
     alerts = api(monitor, f"{monitor.alertmanager}/api/v2/alerts?active=true&silenced=false&inhibited=false")
     return [alert for alert in alerts if alert["labels"]["alertname"] == alertname
             and all(alert["labels"].get(name) == wanted for name, wanted in labels.items())]
-
-
-def wait(condition, timeout, what):
-    """Seconds until CONDITION() is true, and its result; fails the check after TIMEOUT seconds."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        result = condition()
-        if result:
-            return time.monotonic() - started, result
-        time.sleep(3)
-    pytest.fail(f"{what}: not within {timeout} s")

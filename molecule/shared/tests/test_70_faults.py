@@ -25,8 +25,8 @@ import uuid
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from clients import on_one_release, post_probe, report, stored_messages
-from monitoring import MONITORING, firing, monitoring_host, wait
+from clients import on_one_release, post_probe, report, stored_messages, wait
+from monitoring import MONITORING, firing, monitoring_host
 from traffic import Traffic
 
 CLOSE_TRY_AGAIN_LATER = 1013

@@ -22,8 +22,8 @@ import uuid
 import pytest
 import testinfra.utils.ansible_runner
 
-from clients import INVENTORY, edge_of, inventory_host, inventory_value, report, tcp_open
-from monitoring import MONITORING, api, firing, monitoring_host, query, targets, value, wait
+from clients import INVENTORY, edge_of, inventory_host, inventory_value, report, tcp_open, wait
+from monitoring import MONITORING, api, firing, monitoring_host, query, targets, value
 
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 ALL = RUNNER.get_hosts("all")

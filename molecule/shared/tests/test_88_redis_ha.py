@@ -18,8 +18,8 @@ import pytest
 import testinfra.utils.ansible_runner
 
 from clients import (INVENTORY, changed_per_host, edge_of, inventory_host, inventory_value, report, run_playbook,
-                     tcp_open)
-from monitoring import MONITORING, firing, monitoring_host, wait
+                     tcp_open, wait)
+from monitoring import MONITORING, firing, monitoring_host
 from test_70_faults import SENDERS, SOCKETS, account, new_room, recovery_after
 from traffic import Traffic
 
@@ -82,15 +82,6 @@ def primary_host(secrets):
     primary = agreed_primary(secrets)
     assert primary in addresses, primaries(secrets)
     return addresses[primary]
-
-
-def wait_for(condition, timeout, what):
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if condition():
-            return time.monotonic() - started
-        time.sleep(0.5)
-    pytest.fail(f"{what}: not within {timeout} s")
 
 
 def booted(name):
@@ -212,8 +203,8 @@ def test_the_primary_host_killed_fails_over_and_comes_back_as_a_replica(secrets,
             time.sleep(3)
             container.kill()
             killed = time.monotonic()
-            promoted = wait_for(lambda: agreed_primary(secrets, others) not in (None, victim_address), 30,
-                                "the other sentinels agreeing on a new primary")
+            promoted, _ = wait(lambda: agreed_primary(secrets, others) not in (None, victim_address), 30,
+                               "the other sentinels agreeing on a new primary", interval=0.5)
             # From the kill until a message posted now has reached every
             # socket: the channel layer has a primary again.
             recovery = recovery_after(traffic, edge, room, killed)
@@ -229,11 +220,11 @@ def test_the_primary_host_killed_fails_over_and_comes_back_as_a_replica(secrets,
     assert recovery <= FAILOVER_WITHIN, f"messages flowed again only after {recovery:.1f} s"
 
     # Back: the same address, and a replica of the new primary by itself.
-    wait_for(lambda: booted(victim), 120, f"{victim} booted")
+    wait(lambda: booted(victim), 120, f"{victim} booted", interval=0.5)
     assert address(victim) == victim_address, "the restarted host got another address on the scenario's network"
     new_primary = address(primary_host(secrets))
-    back = wait_for(lambda: cli(on(victim), secrets["admin"], REDIS_PORT, "ROLE")[:2] == ["slave", new_primary],
-                    120, f"{victim} a replica of {new_primary} again")
+    back, _ = wait(lambda: cli(on(victim), secrets["admin"], REDIS_PORT, "ROLE")[:2] == ["slave", new_primary],
+                   120, f"{victim} a replica of {new_primary} again", interval=0.5)
     report(f"Redis: {victim} started again, a replica of the new primary {back:.0f} s later")
     if MONITORING:
         # The operator is told: the primary moved (the alert lasts 10 minutes).

@@ -229,7 +229,8 @@ def test_the_primary_host_killed_fails_over_and_comes_back_as_a_replica(secrets,
     if MONITORING:
         # The operator is told: the primary moved (the alert lasts 10 minutes).
         monitor = monitoring_host()
-        seconds, _ = wait(lambda: firing(monitor, "ChatRedisFailedOver"), 120, "ChatRedisFailedOver in Alertmanager")
+        # for: 1m, a scrape, an evaluation and group_wait after the promotion.
+        seconds, _ = wait(lambda: firing(monitor, "ChatRedisFailedOver"), 180, "ChatRedisFailedOver in Alertmanager")
         report(f"Alerting: ChatRedisFailedOver firing in Alertmanager {seconds:.0f} s after the check asked")
     rerun = run_playbook("site.yml")
     assert rerun.returncode == 0, rerun.stdout[-3000:]

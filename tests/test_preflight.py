@@ -320,11 +320,12 @@ def test_an_exporter_missing_from_the_catalogue_is_refused(tmp_path):
     assert_refused_before_any_change(rc, output, "chat_exporters has no entry with a package for nosuch")
 
 
-def add_redis_hosts(tmp_path, count):
-    """Group redis: the probe host and COUNT more at TEST-NET-1 addresses (a replicated Redis of COUNT + 1)."""
+def add_redis_hosts(tmp_path, count, group="redis"):
+    """Group GROUP: the probe host and COUNT more at TEST-NET-1 addresses (a replicated Redis, or
+    PostgreSQL with Patroni, of COUNT + 1)."""
     (tmp_path / "hosts.yml").write_text(
-        (tmp_path / "hosts.yml").read_text() + "        redis:\n          hosts:\n            probe:\n"
-        + "".join(f"            redis{n}:\n              chat_private_address: 192.0.2.{20 + n}\n"
+        (tmp_path / "hosts.yml").read_text() + f"        {group}:\n          hosts:\n            probe:\n"
+        + "".join(f"            {group}{n}:\n              chat_private_address: 192.0.2.{20 + n}\n"
                   for n in range(count)))
 
 
@@ -353,3 +354,22 @@ def test_three_redis_hosts_pass_the_inventory_checks(tmp_path):
     rc, output = run_site(inventory)
     assert_refused_before_any_change(rc, output, "got no answer on the private network from 192.0.2.20")
     assert "a majority of the sentinels" not in output and "redis_sentinel_quorum is" not in output
+
+
+@pytest.mark.parametrize("more", [1, 3])
+def test_an_even_number_of_postgresql_hosts_is_refused(tmp_path, more):
+    """Two or four etcd members under Patroni: losing one (or a split in halves) leaves no majority."""
+    inventory = write_inventory(tmp_path, ["web", "app", "redis", "backup"], "chat_db_password: " + "d" * 32 + "\n")
+    add_redis_hosts(tmp_path, more, group="db")
+    rc, output = run_site(inventory)
+    assert_refused_before_any_change(rc, output, f"Group 'db' has {more + 1} hosts", "a majority of the etcd members")
+
+
+def test_three_postgresql_hosts_pass_the_inventory_checks(tmp_path):
+    """The control: three db hosts (Patroni) get past the count and the roles' checks, to the network check."""
+    inventory = write_inventory(tmp_path, ["web", "app", "redis"], "chat_db_password: " + "d" * 32 + "\n"
+                                "chat_backups_enabled: false\n")
+    add_redis_hosts(tmp_path, 2, group="db")
+    rc, output = run_site(inventory)
+    assert_refused_before_any_change(rc, output, "got no answer on the private network from 192.0.2.20")
+    assert "a majority of the etcd members" not in output

@@ -17,7 +17,7 @@ from channels.db import DatabaseSyncToAsync
 
 from chatservice.env import env_int
 
-from . import metrics
+from . import failover, metrics
 
 WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-db-write")
 READERS = ThreadPoolExecutor(max_workers=env_int("CHAT_DB_READ_THREADS", 4, minimum=1),
@@ -45,5 +45,6 @@ def writes(func):
 
 
 def reads(func):
-    """Runs func on one of the reader threads."""
-    return _timed(DatabaseSyncToAsync(func, thread_sensitive=False, executor=READERS), metrics.DB_READ_SECONDS)
+    """Runs func on one of the reader threads, waiting out a primary change (chat/failover.py)."""
+    return _timed(DatabaseSyncToAsync(failover.read(func), thread_sensitive=False, executor=READERS),
+                  metrics.DB_READ_SECONDS)

@@ -11,6 +11,8 @@ from redis.sentinel import MasterNotFoundError
 
 from chatservice import redisconn
 
+from . import failover
+
 
 # The server a process runs under, told by what it has imported. WSGI is
 # only ever Gunicorn's sync workers here. Of the ASGI servers, Gunicorn's
@@ -47,18 +49,25 @@ def _describe(error):
     return f"{type(error).__name__}: {error}"[:200]
 
 
+def _query_database():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+        if connection.vendor == "sqlite" and not connection.in_atomic_block:
+            # Reads pass while a writer holds SQLite's lock (WAL): ask for
+            # the write lock itself, briefly, as a post would, and give it
+            # back without writing.
+            cursor.execute(f"PRAGMA busy_timeout = {int(settings.HEALTH_DATABASE_TIMEOUT * 1000)}")
+            cursor.execute("BEGIN IMMEDIATE")
+            cursor.execute("ROLLBACK")
+
+
 def check_database():
     try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-            cursor.fetchone()
-            if connection.vendor == "sqlite" and not connection.in_atomic_block:
-                # Reads pass while a writer holds SQLite's lock (WAL): ask for
-                # the write lock itself, briefly, as a post would, and give it
-                # back without writing.
-                cursor.execute(f"PRAGMA busy_timeout = {int(settings.HEALTH_DATABASE_TIMEOUT * 1000)}")
-                cursor.execute("BEGIN IMMEDIATE")
-                cursor.execute("ROLLBACK")
+        # A PostgreSQL primary change (no primary for a few seconds) is
+        # waited out, up to HEALTH_DATABASE_FAILOVER_WAIT, as posts wait it
+        # out: a planned switchover fails neither. 0 (SQLite): one try.
+        failover.ride_through(lambda attempt: _query_database(), settings.HEALTH_DATABASE_FAILOVER_WAIT, "health")
     except Exception as error:  # any failure is a failed check, reported, not raised
         return _describe(error)
     finally:

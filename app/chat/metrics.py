@@ -68,6 +68,25 @@ DB_CALLS = Histogram(
     ["kind"], buckets=SECONDS_BUCKETS)
 DB_READ_SECONDS, DB_WRITE_SECONDS = DB_CALLS.labels("read"), DB_CALLS.labels("write")
 
+# A wait for the database's primary (chat/failover.py): a Patroni
+# switchover's gap is 1-5 s, the waits' deadlines are 5 s (/healthz) and
+# 10 s (posts) by default.
+FAILOVER_BUCKETS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0)
+FAILOVER_KINDS, FAILOVER_OUTCOMES = ("write", "read", "health"), ("ok", "failed")
+FAILOVER_WAITS = Counter(
+    "chat_database_failover_waits_total",
+    "Database calls that failed for want of a primary and were tried again, by kind (write: storing posts, "
+    "health: /healthz) and outcome (ok: went through; failed: the deadline passed, or COMMIT's outcome was "
+    "unknown for posts without client_id).",
+    ["kind", "outcome"])
+FAILOVER_WAIT_SECONDS = Histogram(
+    "chat_database_failover_wait_seconds",
+    "Seconds such a call waited for a primary, from its first attempt to its success or giving up.",
+    ["kind"], buckets=FAILOVER_BUCKETS)
+# Every series from the start (see _REFUSED).
+_FAILOVER = {(kind, outcome): (FAILOVER_WAITS.labels(kind, outcome), FAILOVER_WAIT_SECONDS.labels(kind))
+             for kind in FAILOVER_KINDS for outcome in FAILOVER_OUTCOMES}
+
 RELEASE_INFO = Gauge(
     "chat_release_info", "The release this process serves (value 1), and its interface: asgi or wsgi.",
     ["release", "interface"], multiprocess_mode="livemax")
@@ -90,6 +109,13 @@ def http_response(status_code):
     counter = _HTTP_CLASSES.get(status_code // 100)
     if counter is not None:
         counter.inc()
+
+
+def failover_wait(kind, outcome, seconds):
+    """Counts a call that waited for the database's primary, and how long it waited."""
+    counter, histogram = _FAILOVER[kind, outcome]
+    counter.inc()
+    histogram.observe(seconds)
 
 
 def set_release(release, interface):

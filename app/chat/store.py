@@ -2,15 +2,12 @@
 
 import copy
 
-from django.db import DatabaseError, connection, transaction
+from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
+from . import failover
 from .models import Message, Room
-
-# PostgreSQL's read_only_sql_transaction: a write reached a server that
-# takes no writes (a standby, or a demoted primary).
-READ_ONLY_SQLSTATE = "25006"
 
 
 def post_message(room_name, nickname, body, client_id=None):
@@ -36,34 +33,23 @@ def post_messages(posts):
     the write lock), so a concurrent poster waits, then sees the committed
     seq and client ids: reading them unlocked would hand two posters the same
     seq, or store a resent post twice.
+
+    While PostgreSQL has no primary (a failover) the whole transaction is
+    tried again on a fresh connection for up to DATABASE_FAILOVER_WAIT
+    seconds (chat/failover.py); a connection found read-only or broken is
+    closed, so that the pool does not lend it out again. A post with a
+    client_id is stored once however often it is tried; one without would
+    be stored twice if a COMMIT whose outcome is unknown (the connection
+    lost during it) were repeated, so a batch holding such a post is tried
+    again only after failures before COMMIT.
     """
-    try:
-        return _post_messages(posts)
-    except DatabaseError as error:
-        _drop_connection_if_read_only(error)
-        raise
-
-
-def _drop_connection_if_read_only(error):
-    """Closes the connection a write found read-only, so that the pool
-    replaces it instead of lending it out again.
-
-    Django's pool would take it back as it is, and every later post on it
-    would fail until it expired (psycopg_pool: an hour). A new connection
-    goes through libpq's host list again, where target_session_attrs=
-    read-write finds the primary. (A primary that is stopped or restarted,
-    as a failover does, breaks its connections, and the pool's check when
-    lending replaces those; the failed post gets store_failed either way.)
-    """
-    if getattr(error.__cause__, "sqlstate", None) == READ_ONLY_SQLSTATE and connection.connection is not None:
-        # Closed first: the pool discards a closed connection handed back,
-        # and keeps an open one.
-        connection.connection.close()
-        connection.close()
-
-
-def _post_messages(posts):
     posts = [tuple(post) + (None,) * (4 - len(post)) for post in posts]
+    repeatable = all(client_id is not None for *_, client_id in posts)
+    return failover.ride_through(lambda attempt: _post_messages(posts, attempt),
+                                 settings.DATABASE_FAILOVER_WAIT, "write", repeatable=repeatable)
+
+
+def _post_messages(posts, attempt):
     by_room = {}
     for index, (room_name, nickname, body, client_id) in enumerate(posts):
         by_room.setdefault(room_name, []).append((index, nickname, body, client_id))
@@ -71,7 +57,7 @@ def _post_messages(posts):
     now = timezone.now()
     for room_name in by_room:
         Room.objects.get_or_create(name=room_name)
-    with transaction.atomic():
+    with attempt.atomic():
         for room_name, entries in by_room.items():
             room = Room.objects.select_for_update().get(name=room_name)
             ids = {client_id for *_, client_id in entries if client_id is not None}

@@ -8,7 +8,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_safe
 
-from . import health
+from . import failover, health
 from .models import Room, is_valid_room_name
 
 LOBBY_ROOM_COUNT = 100
@@ -16,6 +16,8 @@ LOBBY_ROOM_COUNT = 100
 # Pages answer GET and HEAD (require_safe): monitors and link checkers use HEAD.
 
 
+# Rendered inside: the query runs when the template reads the rooms.
+@failover.read
 def _lobby(request, status=200, error="", room_input=""):
     rooms = Room.objects.filter(last_seq__gt=0).order_by("-last_activity")[:LOBBY_ROOM_COUNT]
     context = {"rooms": rooms, "error": error, "room_input": room_input}

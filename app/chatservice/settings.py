@@ -144,7 +144,21 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         # stall: with PostgreSQL down the pool has none to lend, and /healthz
         # must answer 503 within a client's patience, not after 10 s.
         "timeout": env_float("DATABASE_POOL_TIMEOUT", 3.0, minimum=0.1),
+        # A connection the pool fails to open is not retried by the pool on
+        # its own backoff (1, 2, 4, ... s, for 5 minutes, which would leave
+        # the app without connections for seconds after a failover is
+        # over); the pool opens connections when asked for one instead, at
+        # the pace of chat/failover.py's wait for the primary.
+        "reconnect_timeout": 0,
     }
+_postgresql = DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
+# Seconds a post (DATABASE_FAILOVER_WAIT) and /healthz's database check
+# (HEALTH_DATABASE_FAILOVER_WAIT) wait for a PostgreSQL primary when there is
+# none (chat/failover.py): a planned switchover leaves none for 1-5 s, and
+# should cost a delay, not refused posts and a failing health check. 0: no
+# wait. SQLite has no failover: never.
+DATABASE_FAILOVER_WAIT = env_float("DATABASE_FAILOVER_WAIT", 10.0, minimum=0.0) if _postgresql else 0.0
+HEALTH_DATABASE_FAILOVER_WAIT = env_float("HEALTH_DATABASE_FAILOVER_WAIT", 5.0, minimum=0.0) if _postgresql else 0.0
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis and the channel layer ----------------------------------------------

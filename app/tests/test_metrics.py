@@ -252,6 +252,8 @@ def test_metric_names_are_the_documented_ones(asgi_app):
         "chat_behind_notices": ("counter", ()),
         "chat_hub_recoveries": ("counter", ()),
         "chat_db_call_seconds": ("histogram", ("kind", "le")),
+        "chat_database_failover_waits": ("counter", ("kind", "outcome")),
+        "chat_database_failover_wait_seconds": ("histogram", ("kind", "le")),
         "chat_release_info": ("gauge", ("interface", "release")),
         "chat_http_responses": ("counter", ("status",)),
     }

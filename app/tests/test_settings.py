@@ -138,7 +138,27 @@ def test_postgresql_gets_a_connection_pool_per_process(interface):
     # The pool checks a connection before lending it (one that died with a
     # PostgreSQL restart is replaced).
     assert database["CONN_HEALTH_CHECKS"] is True
-    assert database["OPTIONS"]["pool"] == {"min_size": 1, "max_size": 6, "timeout": 3.0}
+    # The pool connects when asked, not on its own backoff (chat/failover.py).
+    assert database["OPTIONS"]["pool"] == {"min_size": 1, "max_size": 6, "timeout": 3.0, "reconnect_timeout": 0}
+
+
+@pytest.mark.parametrize("url, env, expected", [
+    ("postgres://chat:pw@10.0.0.4:5432,10.0.0.5:5432/chat?target_session_attrs=read-write", {}, [10.0, 5.0]),
+    ("postgres://chat:pw@db.internal:5432/chat",
+     {"DATABASE_FAILOVER_WAIT": "20", "HEALTH_DATABASE_FAILOVER_WAIT": "0"}, [20.0, 0.0]),
+    # SQLite has nothing to fail over to, whatever the environment says.
+    ("sqlite:////tmp/chat.sqlite3", {"DATABASE_FAILOVER_WAIT": "20", "HEALTH_DATABASE_FAILOVER_WAIT": "5"}, [0.0, 0.0]),
+])
+def test_the_waits_for_a_postgresql_primary(url, env, expected):
+    values = read_settings({"SECRET_KEY": "k", "DATABASE_URL": url, **env},
+                           "DATABASE_FAILOVER_WAIT", "HEALTH_DATABASE_FAILOVER_WAIT")
+    assert [values["DATABASE_FAILOVER_WAIT"], values["HEALTH_DATABASE_FAILOVER_WAIT"]] == expected
+
+
+def test_a_negative_failover_wait_stops_the_start():
+    result = settings_under({"SECRET_KEY": "k", "DATABASE_URL": "postgres://chat:pw@db.internal:5432/chat",
+                             "DATABASE_FAILOVER_WAIT": "-1"}, "DATABASE_FAILOVER_WAIT")
+    assert result.returncode != 0 and "DATABASE_FAILOVER_WAIT=-1.0 must be at least 0.0" in result.stderr
 
 
 def test_https_settings_default_off_and_come_from_the_environment():
@@ -411,7 +431,7 @@ def test_a_postgresql_url_with_several_hosts_becomes_libpqs_lists():
     assert (database["NAME"], database["USER"], database["PASSWORD"]) == ("chat", "chat", "p@w")
     assert database["OPTIONS"] == {
         "target_session_attrs": "read-write", "connect_timeout": 3, "sslmode": "require",
-        "pool": {"min_size": 1, "max_size": 4, "timeout": 3.0},
+        "pool": {"min_size": 1, "max_size": 4, "timeout": 3.0, "reconnect_timeout": 0},
     }
     assert (database["CONN_MAX_AGE"], database["CONN_HEALTH_CHECKS"]) == (0, True)
 

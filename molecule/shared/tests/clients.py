@@ -319,6 +319,28 @@ def wait(condition, timeout, what, interval=3):
     pytest.fail(f"{what}: not within {timeout} s")
 
 
+REACH = """
+import concurrent.futures, socket, sys
+def reach(target):
+    address, port = target.rsplit(":", 1)
+    try:
+        socket.create_connection((address, int(port)), timeout=3).close()
+        return "1"
+    except OSError:
+        return "0"
+with concurrent.futures.ThreadPoolExecutor(32) as pool:
+    print("".join(pool.map(reach, sys.argv[1:])))
+"""
+
+
+def tcp_reachable(host, targets):
+    """{(address, port): whether host can open a TCP connection to it}, asked all at once (3 s at most)."""
+    targets = list(targets)
+    answer = host.check_output("python3 -c %s " + " ".join(["%s"] * len(targets)), REACH,
+                               *[f"{address}:{port}" for address, port in targets])
+    return {target: flag == "1" for target, flag in zip(targets, answer)}
+
+
 def tcp_open(host, address, port):
     """Whether host can open a TCP connection to address:port (3 s at most)."""
     return host.run("timeout 3 bash -c %s", f"</dev/tcp/{address}/{port}").rc == 0
@@ -328,12 +350,15 @@ def post_probe(edge, room, timeout=60):
     """Posts one message through a fresh socket, retrying until it is echoed; returns its seq."""
     deadline = time.monotonic() + timeout
     body = f"probe {uuid.uuid4().hex}"
+    # As the page's outbox does: a resend of a post that got no answer in
+    # time (stored meanwhile) is recognised by its client_id, not stored twice.
+    client_id = uuid.uuid4().hex
     last = None
     while time.monotonic() < deadline:
         try:
             with edge.websocket(f"/ws/chat/{room}/", timeout=10) as ws:
                 edge.receive(ws)  # the join history
-                ws.send(f'{{"type": "message", "nickname": "probe", "body": "{body}"}}')
+                ws.send(json.dumps({"type": "message", "nickname": "probe", "body": body, "client_id": client_id}))
                 while True:
                     frame = edge.receive(ws, timeout=10)
                     messages = frame.get("messages", [frame])

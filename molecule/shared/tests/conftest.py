@@ -10,7 +10,7 @@ import os
 import pytest
 import testinfra.utils.ansible_runner
 
-from clients import INVENTORY, REPORTS, edge_of, groups_of
+from clients import INVENTORY, REPORTS, edge_of, groups_of, inventory_value
 
 testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("all")
 
@@ -53,6 +53,14 @@ def daphne_instances(host):
     instances = sorted(int(name.split("@")[1].split(".")[0]) for name in out.split())
     assert instances, "no chat-daphne@N.service is enabled"
     return instances
+
+
+@pytest.fixture(scope="module")
+def secrets():
+    """The Redis passwords of the inventory (its vault): the admin's and the app's."""
+    name = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("redis")[0]
+    return {"admin": inventory_value(name, "chat_redis_admin_password"),
+            "app": inventory_value(name, "chat_redis_password")}
 
 
 def pytest_runtest_logreport(report):

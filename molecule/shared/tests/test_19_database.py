@@ -1,6 +1,7 @@
 """The database: PostgreSQL where the inventory has a host in group `db`
-(the cluster scenario, as staging and production), SQLite otherwise (the
-default scenario, as the local demo). /healthz says which."""
+(the cluster scenario, as staging and production: three hosts, run by
+Patroni), SQLite otherwise (the default scenario, as the local demo).
+/healthz says which."""
 
 import json
 import re
@@ -11,6 +12,7 @@ import uuid
 import pytest
 
 from clients import edge_of, groups_of, inventory_groups, inventory_host, inventory_value
+from patroni import leader, psql
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +25,13 @@ def postgresql(host, on_postgresql):
     if not on_postgresql:
         pytest.skip("no host in group db: the app keeps SQLite")
     if "db" not in groups_of(host):
-        pytest.skip(f"SKIPPED: {host.backend.get_hostname()} is not the db host")
+        pytest.skip(f"SKIPPED: {host.backend.get_hostname()} is not a db host")
     major = host.check_output("ls /etc/postgresql")
-    return {"unit": f"postgresql@{major}-main", "version": major}
-
-
-def psql(host, sql):
-    """One query as the postgres system user (peer authentication); its rows."""
-    return host.check_output("runuser -u postgres -- psql -XAtq -d chat -c %s", sql)
+    members = inventory_groups(host)["db"]
+    patroni = len(members) > 1
+    return {"unit": f"patroni@{major}-main" if patroni else f"postgresql@{major}-main", "version": major,
+            "patroni": patroni, "members": members,
+            "leads": not patroni or leader(members) == host.backend.get_hostname()}
 
 
 def test_healthz_names_the_database(edge, on_postgresql):
@@ -40,10 +41,17 @@ def test_healthz_names_the_database(edge, on_postgresql):
 
 
 def test_debian_postgresql_runs_and_starts_at_boot(host, postgresql):
+    """Debian's cluster <version>/main, run by its own unit or by Patroni's."""
     release = host.system_info.release.split(".")[0]
     assert postgresql["version"] == {"12": "15", "13": "17"}[release]
     unit = host.service(postgresql["unit"])
     assert unit.is_running and unit.is_enabled
+    cluster = host.check_output("pg_lsclusters --no-header").split()
+    assert cluster[:3] == [postgresql["version"], "main", "5432"], cluster
+    # Debian's tools know the cluster is Patroni's ("online,patroni", and
+    # "recovery" on a replica).
+    status = set(cluster[3].split(","))
+    assert "online" in status and ("patroni" in status) == postgresql["patroni"], cluster
 
 
 def test_postgresql_listens_on_loopback_only(host, postgresql):
@@ -104,15 +112,28 @@ def test_the_password_is_the_inventorys(host, postgresql, app_host):
     password = inventory_value(app_host.backend.get_hostname(), "chat_db_password")
     url = urllib.parse.urlsplit(app_url(app_host))
     assert url.password == password
-    # This host, on loopback when the app is here too, else its private address.
-    assert url.hostname in {"127.0.0.1", *host.check_output("hostname -I").split()}, url.hostname
-    assert (url.port, url.path) == (5432, "/chat")
+    assert url.path == "/chat"
+    hosts = url.netloc.rsplit("@", 1)[1].split(",")
+    if postgresql["patroni"]:
+        # Every member, and libpq keeps the one that takes writes.
+        members = {inventory_host(name).check_output("hostname -I").split()[0] + ":5432"
+                   for name in postgresql["members"]}
+        assert set(hosts) == members, hosts
+        query = urllib.parse.parse_qs(url.query)
+        assert query["target_session_attrs"] == ["read-write"], query
+        assert int(query["connect_timeout"][0]) <= 5, query
+    else:
+        # This host, on loopback when the app is here too, else its private address.
+        assert hosts[0] in {f"{address}:5432" for address in ["127.0.0.1", *host.check_output("hostname -I").split()]}
 
 
 @pytest.mark.needs("db")
 def test_messages_are_stored_in_postgresql_over_pooled_connections(host, postgresql):
     """Messages through Nginx and Daphne land in PostgreSQL, and the app's
-    connections stay within its pools: a message is not a connection."""
+    connections stay within its pools: a message is not a connection. On
+    the leader with Patroni (the replicas hold no app connection)."""
+    if not postgresql["leads"]:
+        pytest.skip(f"SKIPPED: {host.backend.get_hostname()} is a replica")
     edge = edge_of(inventory_host(inventory_groups(host)["web"][0]))
     room = f"pg-{uuid.uuid4().hex[:8]}"
     sent = 30

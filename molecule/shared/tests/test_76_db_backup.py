@@ -21,6 +21,7 @@ import pytest
 import testinfra.utils.ansible_runner
 
 from clients import INVENTORY, edge_of, inventory_host, report, run_playbook
+from patroni import leader
 from test_75_backup import Poller
 from traffic import Traffic
 
@@ -42,7 +43,9 @@ def repository():
 
 @pytest.fixture(scope="module")
 def db():
-    return inventory_host(DB_HOSTS[0])
+    """The db host that takes writes: the only one, or Patroni's leader (the first member, which a
+    restore makes the leader again)."""
+    return inventory_host(leader(DB_HOSTS) if len(DB_HOSTS) > 1 else DB_HOSTS[0])
 
 
 @pytest.fixture(scope="module")
@@ -190,11 +193,15 @@ def test_restore_to_the_latest_point_and_to_a_time_loses_nothing_acknowledged(db
     assert set(stored_bodies(db, room)) >= acknowledged_before | acknowledged_after
     archived_in = wait_archived(db)
 
-    # The disaster: PostgreSQL's data folder is gone.
+    # The disaster: PostgreSQL's data folder is gone (with Patroni, on
+    # every member: a replica copies whatever the leader does).
     version, data = cluster(db)
-    db.run_expect([0], f"systemctl stop postgresql@{version}-main")
-    db.run_expect([0], f"find {data} -mindepth 1 -delete")
+    for name in DB_HOSTS:
+        member = inventory_host(name)
+        member.run_expect([0], f"systemctl stop {'patroni' if len(DB_HOSTS) > 1 else 'postgresql'}@{version}-main")
+        member.run_expect([0], f"find {data} -mindepth 1 -delete")
     result, recovery, codes, others, watch = restore(edge)
+    db = inventory_host(DB_HOSTS[0])
     stored = set(stored_bodies(db, room))
     lost = (acknowledged_before | acknowledged_after) - stored
     report(f"pgBackRest restore to the latest point after the data folder was wiped: {len(acknowledged_before)} + "

@@ -33,7 +33,8 @@ pytestmark = pytest.mark.skipif(not MONITORING, reason="SKIPPED: no host in grou
 RULES = ["ChatTargetDown", "ChatNoDaphneServing", "ChatUnitFailed", "ChatDiskFilling", "ChatDiskAlmostFull",
          "ChatServerDown", "ChatEdgeErrors", "ChatFanoutSlow", "ChatHandshakesRefused", "ChatRedisMemoryHigh",
          "ChatBackupTooOld", "ChatDeployRolledBack", "ChatRedisReplicaLinkDown", "ChatRedisPrimaries",
-         "ChatRedisFailedOver"]
+         "ChatRedisFailedOver", "ChatPostgresLeaders", "ChatPostgresNotSynchronous", "ChatPostgresReplicaBehind",
+         "ChatPostgresFailedOver"]
 EXPORTERS = {"node": "prometheus-node-exporter", "nginx": "prometheus-nginx-exporter", "edge": "mtail",
              "redis": "prometheus-redis-exporter", "postgres": "prometheus-postgres-exporter"}
 
@@ -60,6 +61,9 @@ def test_every_target_is_up_and_named_after_its_host(monitor):
     assert by_job["nginx"] == by_job["edge"] == by_job["site"] == set(in_group("web")), by_job
     assert by_job["redis"] == set(in_group("redis")), by_job
     assert by_job.get("postgres", set()) == set(in_group("db")), by_job
+    # Patroni's and etcd's own metrics, on each member of a replicated PostgreSQL.
+    replicated = set(in_group("db")) if len(in_group("db")) > 1 else set()
+    assert by_job.get("patroni", set()) == by_job.get("etcd", set()) == replicated, by_job
     # The app's own: Gunicorn once per app host, Daphne once per instance.
     assert {name.split("/")[0] for name in by_job.get("daphne", set()) | by_job.get("gunicorn", set())} \
         == set(in_group("app")), by_job

@@ -76,6 +76,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last: a view that failed for want of a database primary answers 503.
+    "chat.middleware.NoPrimaryMiddleware",
 ]
 
 ROOT_URLCONF = "chatservice.urls"

@@ -356,3 +356,22 @@ def test_the_lobby_and_a_sockets_history_ride_through_a_switchover(monkeypatch, 
     monkeypatch.setattr(Room.objects, "filter", filter_in_the_gap)
     assert client.get("/").status_code == 200
     assert len(lobby_calls) == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_page_that_outlasts_its_wait_answers_503_not_500(monkeypatch, settings, client):
+    settings.DATABASE_FAILOVER_WAIT = 0.3
+    def no_primary(*args, **kwargs):
+        _raises(NO_PRIMARY["connect-failed"])()
+
+    monkeypatch.setattr(Room.objects, "filter", no_primary)
+    response = client.get("/")
+    assert response.status_code == 503
+    assert response["Retry-After"] == "5"
+    # Any other error is still a 500.
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Room.objects, "filter", bug)
+    client.raise_request_exception = False
+    assert client.get("/").status_code == 500

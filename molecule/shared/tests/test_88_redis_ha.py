@@ -239,6 +239,9 @@ def test_the_primary_host_killed_fails_over_and_comes_back_as_a_replica(secrets,
         # for: 1m, a scrape, an evaluation and group_wait after the promotion.
         seconds, _ = wait(lambda: firing(monitor, "ChatRedisFailedOver"), 180, "ChatRedisFailedOver in Alertmanager")
         report(f"Alerting: ChatRedisFailedOver firing in Alertmanager {seconds:.0f} s after the check asked")
-    rerun = run_playbook("site.yml")
-    assert rerun.returncode == 0, rerun.stdout[-3000:]
-    assert set(changed_per_host(rerun.stdout).values()) == {0}, changed_per_host(rerun.stdout)
+    # With Patroni on the same hosts, test_89's kill check ends with the
+    # same rerun, after both failovers: one rerun (a minute) for the two.
+    if len(RUNNER.get_hosts("db")) < 3:
+        rerun = run_playbook("site.yml")
+        assert rerun.returncode == 0, rerun.stdout[-3000:]
+        assert set(changed_per_host(rerun.stdout).values()) == {0}, changed_per_host(rerun.stdout)

@@ -203,6 +203,7 @@ def test_the_leader_host_killed_fails_over_and_comes_back_as_a_replica(edge, sec
         seconds, _ = wait(lambda: firing(monitor, "ChatPostgresFailedOver"), 180,
                           "ChatPostgresFailedOver in Alertmanager")
         report(f"Alerting: ChatPostgresFailedOver firing in Alertmanager {seconds:.0f} s after the check asked")
+    # Also the rerun after test_88's Redis failover (the same hosts).
     rerun = run_playbook("site.yml")
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     assert set(changed_per_host(rerun.stdout).values()) == {0}, changed_per_host(rerun.stdout)

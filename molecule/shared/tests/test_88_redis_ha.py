@@ -168,9 +168,32 @@ def test_the_sentinels_are_closed_to_the_web_host():
 
 
 def room_traffic(edge, room):
-    # Half the clients reconnect at once after a close, as harsh clients do.
+    # Half the clients reconnect at once after a close, as harsh clients do;
+    # the pollers ask for the lobby, which reads the database.
     return Traffic(edge, room, http_clients=2, sockets=SOCKETS, senders=SENDERS, path="/",
                    max_seconds=300, at_once=0.5)
+
+
+def killed_under_traffic(edge, victim, room, promoted, timeout, what):
+    """VICTIM's host killed (`docker kill`, no clean stop) under a room's traffic, and started
+    again afterwards. Returns the traffic's counts, the seconds until PROMOTED() answered (WHAT,
+    within TIMEOUT) and its answer, and the seconds from the kill until a message posted then had
+    reached every socket."""
+    container = docker.from_env().containers.get(victim)
+    traffic = room_traffic(edge, room)
+    try:
+        with traffic as counts:
+            time.sleep(3)
+            container.kill()
+            killed = time.monotonic()
+            seconds, answer = wait(promoted, timeout, what, interval=0.5)
+            recovery = recovery_after(traffic, edge, room, killed)
+            time.sleep(3)
+    finally:
+        container.reload()
+        if container.status != "running":
+            container.start()
+    return counts, seconds, answer, recovery
 
 
 def test_a_planned_switchover_fails_no_request_and_refuses_no_post(secrets, edge):
@@ -201,25 +224,12 @@ def test_the_primary_host_killed_fails_over_and_comes_back_as_a_replica(secrets,
         assert moved.returncode == 0, moved.stdout[-3000:]
     victim = primary_host(secrets)
     victim_address = address(victim)
-    container = docker.from_env().containers.get(victim)
     others = [name for name in REDIS_HOSTS if name != victim]
     room = new_room("redis-primary-killed")
-    traffic = room_traffic(edge, room)
-    try:
-        with traffic as counts:
-            time.sleep(3)
-            container.kill()
-            killed = time.monotonic()
-            promoted, _ = wait(lambda: agreed_primary(secrets, others) not in (None, victim_address), 30,
-                               "the other sentinels agreeing on a new primary", interval=0.5)
-            # From the kill until a message posted now has reached every
-            # socket: the channel layer has a primary again.
-            recovery = recovery_after(traffic, edge, room, killed)
-            time.sleep(3)
-    finally:
-        container.reload()
-        if container.status != "running":
-            container.start()
+    # Recovery: the channel layer has a primary again.
+    counts, promoted, _, recovery = killed_under_traffic(
+        edge, victim, room, lambda: agreed_primary(secrets, others) not in (None, victim_address), 30,
+        "the other sentinels agreeing on a new primary")
     report(f"Redis primary {victim} killed: the other sentinels named a new primary {promoted:.1f} s after, "
            f"messages reached every socket again {recovery:.1f} s after the kill")
     account("redis primary killed", on(RUNNER.get_hosts("app")[0]), room, counts, recovery, expect_drops=0,

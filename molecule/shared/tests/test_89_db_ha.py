@@ -24,9 +24,8 @@ import testinfra.utils.ansible_runner
 from clients import INVENTORY, changed_per_host, edge_of, inventory_host, report, run_playbook, tcp_reachable, wait
 from monitoring import MONITORING, firing, monitoring_host
 from patroni import leader, members, psql
-from test_70_faults import SENDERS, SOCKETS, account, new_room, recovery_after
-from test_88_redis_ha import booted, primary_host
-from traffic import Traffic
+from test_70_faults import account, new_room, recovery_after
+from test_88_redis_ha import address, booted, killed_under_traffic, primary_host, room_traffic
 
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 DB_HOSTS = RUNNER.get_hosts("db")
@@ -43,11 +42,6 @@ on = inventory_host
 @pytest.fixture(scope="module")
 def edge():
     return edge_of(on(RUNNER.get_hosts("web")[0]))
-
-
-def address(name):
-    """A host's private address: its only interface's (the scenario's network)."""
-    return on(name).check_output("hostname -I").split()[0]
 
 
 def role_of(rows, role):
@@ -113,13 +107,6 @@ def test_each_port_answers_whom_it_serves_only():
     assert refused.stdout == "401", refused.stdout
 
 
-def room_traffic(edge, room):
-    # Half the clients reconnect at once after a close, as harsh clients do;
-    # the pollers ask for the lobby, which reads the database.
-    return Traffic(edge, room, http_clients=2, sockets=SOCKETS, senders=SENDERS, path="/",
-                   max_seconds=300, at_once=0.5)
-
-
 def test_a_planned_switchover_fails_no_request_and_refuses_no_post(edge):
     rows = healthy(DB_HOSTS)
     before, target = role_of(rows, "Leader"), role_of(rows, "Replica")
@@ -160,25 +147,12 @@ def test_the_leader_host_killed_fails_over_and_comes_back_as_a_replica(edge, sec
     rows = healthy(DB_HOSTS)
     victim, synchronous = role_of(rows, "Leader"), role_of(rows, "Sync Standby")
     keep_redis_off(victim, secrets)
-    container = docker.from_env().containers.get(victim)
     others = [name for name in DB_HOSTS if name != victim]
     room = new_room("db-leader-killed")
-    traffic = room_traffic(edge, room)
-    try:
-        with traffic as counts:
-            time.sleep(3)
-            container.kill()
-            killed = time.monotonic()
-            promoted, new_leader = wait(lambda: leader(others) in others and leader(others), 60,
-                                        "a new leader among the others", interval=0.5)
-            # From the kill until a message posted now is stored and has
-            # reached every socket.
-            recovery = recovery_after(traffic, edge, room, killed)
-            time.sleep(3)
-    finally:
-        container.reload()
-        if container.status != "running":
-            container.start()
+    # Recovery: a message posted then is stored and has reached every socket.
+    counts, promoted, new_leader, recovery = killed_under_traffic(
+        edge, victim, room, lambda: leader(others) in others and leader(others), 60,
+        "a new leader among the others")
     report(f"PostgreSQL leader {victim} killed: {new_leader} (the synchronous replica was {synchronous}) led "
            f"{promoted:.1f} s after, posts stored and seen by every socket again {recovery:.1f} s after the kill")
     # Posts made meanwhile were refused (store_failed) and resent by the
@@ -194,7 +168,7 @@ def test_the_leader_host_killed_fails_over_and_comes_back_as_a_replica(edge, sec
     timeline = members(others)[new_leader]["TL"]
     back, _ = rejoined(victim, timeline)
     log = on(victim).run("journalctl -q -o cat -u 'patroni@*' --since '-10min'").stdout
-    rewound = "pg_rewind" in log or "rewind" in log.lower()
+    rewound = "pg_rewind" in log
     report(f"PostgreSQL: {victim} started again, streaming from {new_leader} on timeline {timeline} "
            f"{time.monotonic() - started:.0f} s after its start ({back:.0f} s after it booted)"
            f"{', rewound with pg_rewind' if rewound else ''}")

@@ -86,15 +86,15 @@ phases() {
 }
 
 # What failed, in a few lines per failed step: pytest's FAILED and ERROR
-# lines, Ansible's fatal tasks and recaps with failures, without Molecule's
-# colours and frames (else the step's last lines); then Molecule's failed
-# checks, one line each.
+# lines, Ansible's fatal tasks (with the first line of their message) and
+# recaps with failures, without Molecule's colours and frames (else the
+# step's last lines); then Molecule's failed checks, one line each.
 digest() {
   local name lines
   awk '$2 == "FAILED" {print $1}' "$RESULTS" | while read -r name; do
     lines="$(plain "$LOG_DIR/$name.log" \
-      | grep -E '^(FAILED|ERROR) [^-]|fatal: \[|failed=[1-9]|unreachable=[1-9]|Idempotence test failed|^==> molecule test' \
-      | grep -B1 -vE '^==> molecule test' | grep -v '^--$' | cut -c1-300 | tail -n 16 || true)"
+      | grep -E '^(FAILED|ERROR) [^-]|fatal: \[|^ *msg: .|failed=[1-9]|unreachable=[1-9]|Idempotence test failed|^==> molecule test' \
+      | grep -vE "^ *msg: ''\$" | grep -B1 -vE '^==> molecule test' | grep -v '^--$' | cut -c1-300 | tail -n 16 || true)"
     log "step $name failed ($LOG_DIR/$name.log):"
     printf '%s\n' "${lines:-$(plain "$LOG_DIR/$name.log" | tail -n 8)}"
   done

@@ -50,6 +50,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError as RedisResponseError
 
 from chatservice import redisconn
 from chatservice.env import env_float, env_int
@@ -86,6 +87,12 @@ POST_BATCH = 500
 
 EVENT_TYPE = "chat.message"
 PROBE_TYPE = "chat.probe"
+
+
+def refuses_writes_only(error):
+    """Whether a Redis error is a master's NOREPLICAS: it answers, but takes no writes until a
+    replica is in sync again."""
+    return isinstance(error, RedisResponseError) and "NOREPLICAS" in str(error)
 
 
 class LayerUnavailable(Exception):
@@ -420,6 +427,7 @@ class Hub:
         master = None
         try:
             while True:
+                named = None
                 try:
                     # Closes this process's connections to a master the
                     # sentinels no longer name (see chatservice/redisconn.py).
@@ -430,8 +438,17 @@ class Hub:
                     raise
                 except Exception as error:
                     expect_key = False
-                    master = None
-                    self._layer_failed(error)
+                    if refuses_writes_only(error):
+                        # A master with no replica in sync (min-replicas-to-write:
+                        # right after a failover, or cut off from the others)
+                        # answers, and still takes PUBLISH: the layer is up.
+                        # A restart cannot be told by the key meanwhile.
+                        if master is not None and named != master:
+                            self._layer_failed(f"Redis failed over to {redisconn.format_addresses([named])}")
+                        master = named
+                    else:
+                        master = None
+                        self._layer_failed(error)
                 else:
                     if master is not None and named != master:
                         # What was published on the old master meanwhile is

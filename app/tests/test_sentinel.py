@@ -9,9 +9,11 @@ print how long each took (pytest -s shows it).
 
 import asyncio
 import contextlib
+import signal
 import time
 
 import pytest
+import redis
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.layers import channel_layers, get_channel_layer
@@ -266,6 +268,39 @@ async def test_the_app_follows_sentinel_failover(app_through, join, room):
 @pytest.mark.parametrize("app_through", ["pubsub", "core"], indirect=True)
 async def test_the_app_rides_through_a_killed_master(app_through, join, room):
     await _app_works_after(app_through, app_through.kill_master, KILL_BOUND, join, room)
+
+
+async def test_a_master_with_no_replica_in_sync_keeps_the_layer(app_through, join, room):
+    """With min-replicas-to-write (roles/redis, for a master cut off from the others), a master
+    whose replicas are all silent refuses writes (NOREPLICAS) but still takes PUBLISH: the
+    pub/sub layer works, and the watchdog's write refused is no reason to call the layer down
+    (which refused every new room until a recovery). Here the replica is stopped (SIGSTOP)."""
+    alice, _ = await join(room)
+    hub = fanout.get_hub()
+    master, replica = app_through.master(), next(node for node in app_through.data_nodes
+                                                 if node != app_through.master())
+    with contextlib.closing(app_through.client(master)) as client:
+        client.config_set("min-replicas-to-write", 1)
+        client.config_set("min-replicas-max-lag", 1)
+        app_through.processes[replica].send_signal(signal.SIGSTOP)
+        try:
+            await _eventually(lambda: client.info("replication")["min_slaves_good_slaves"] == 0, 10,
+                              "the master still counts its stopped replica")
+            with pytest.raises(redis.exceptions.ResponseError, match="NOREPLICAS"):
+                client.set("k", "refused")
+            # The watchdog has met the refusal a few times meanwhile.
+            await asyncio.sleep(fanout.WATCH_INTERVAL * 3)
+            assert hub.layer_ok, "a master refusing writes was taken for a layer down"
+            posted = await _post_from_another_process(room, "published without replicas")
+            [message], _ = await receive_messages(alice, 1, timeout=2)
+            assert message == posted
+            bob, _ = await join(room + "-new")
+            await send_message(bob, "a new room")
+            [echo], _ = await receive_messages(bob, 1)
+            assert echo["body"] == "a new room"
+        finally:
+            app_through.processes[replica].send_signal(signal.SIGCONT)
+            client.config_set("min-replicas-to-write", 0)
 
 
 # What the app relies on in redis-py, and its own follow_master ---------------------

@@ -8,9 +8,12 @@ clients reconnecting at once): a planned switchover (playbooks/switchover.yml)
 fails no request and refuses no post; the primary's host killed (`docker
 kill`, no clean stop) is replaced by a replica within 10 s with no socket
 dropped and nothing acknowledged lost; started again, it comes back as a
-replica by itself, and a rerun of site.yml changes nothing.
+replica by itself, and a rerun of site.yml changes nothing; the primary cut
+off from the network (nftables) stops taking writes, a replica takes over
+within 10 s, and healed it is a replica again.
 """
 
+import contextlib
 import time
 
 import docker
@@ -84,6 +87,16 @@ def commits_wait_for(name):
     if name not in databases:
         return False
     return len(databases) == 1 or members(databases).get(name, {}).get("Role") in ("Leader", "Sync Standby")
+
+
+def primary_off_the_database(secrets):
+    """Moves the Redis primary to a host PostgreSQL's commits do not wait for, if it is on one
+    that they do: what a check does to it then tests Redis's failover alone."""
+    if commits_wait_for(primary_host(secrets)):
+        elsewhere = next(name for name in REDIS_HOSTS if not commits_wait_for(name))
+        moved = run_playbook("playbooks/switchover.yml", "-e", f"chat_switchover_redis={elsewhere}")
+        assert moved.returncode == 0, moved.stdout[-3000:]
+    return primary_host(secrets)
 
 
 def booted(name):
@@ -196,6 +209,27 @@ def killed_under_traffic(edge, victim, room, promoted, timeout, what):
     return counts, seconds, answer, recovery
 
 
+# Drops everything to and from the scenario's network on the host, both
+# ways, loopback and the engine's own exec aside (a check reaches the host
+# through `docker exec` meanwhile, not SSH).
+PARTITION = ("nft add table inet chat-partition && "
+             "nft add chain inet chat-partition in '{ type filter hook input priority -10; policy drop; }' && "
+             "nft add rule inet chat-partition in iif lo accept && "
+             "nft add chain inet chat-partition out '{ type filter hook output priority -10; policy drop; }' && "
+             "nft add rule inet chat-partition out oif lo accept")
+HEAL = "nft delete table inet chat-partition"
+
+
+@contextlib.contextmanager
+def cut_off(container):
+    """The host of CONTAINER cut off from the others (nftables) until the block ends."""
+    assert container.exec_run(["sh", "-c", PARTITION]).exit_code == 0
+    try:
+        yield time.monotonic()
+    finally:
+        container.exec_run(["sh", "-c", HEAL])
+
+
 def test_a_planned_switchover_fails_no_request_and_refuses_no_post(secrets, edge):
     before = primary_host(secrets)
     # Where the kill check below wants the primary, when it can be elsewhere.
@@ -217,12 +251,7 @@ def test_a_planned_switchover_fails_no_request_and_refuses_no_post(secrets, edge
 
 
 def test_the_primary_host_killed_fails_over_and_comes_back_as_a_replica(secrets, edge):
-    if commits_wait_for(primary_host(secrets)):
-        # A Redis host PostgreSQL's commits do not wait for: its loss tests Redis's failover alone.
-        elsewhere = next(name for name in REDIS_HOSTS if not commits_wait_for(name))
-        moved = run_playbook("playbooks/switchover.yml", "-e", f"chat_switchover_redis={elsewhere}")
-        assert moved.returncode == 0, moved.stdout[-3000:]
-    victim = primary_host(secrets)
+    victim = primary_off_the_database(secrets)
     victim_address = address(victim)
     others = [name for name in REDIS_HOSTS if name != victim]
     room = new_room("redis-primary-killed")
@@ -239,9 +268,7 @@ def test_the_primary_host_killed_fails_over_and_comes_back_as_a_replica(secrets,
     # Back: the same address, and a replica of the new primary by itself.
     wait(lambda: booted(victim), 120, f"{victim} booted", interval=0.5)
     assert address(victim) == victim_address, "the restarted host got another address on the scenario's network"
-    new_primary = address(primary_host(secrets))
-    back, _ = wait(lambda: cli(on(victim), secrets["admin"], REDIS_PORT, "ROLE")[:2] == ["slave", new_primary],
-                   120, f"{victim} a replica of {new_primary} again", interval=0.5)
+    back = replica_again(secrets, victim)
     report(f"Redis: {victim} started again, a replica of the new primary {back:.0f} s later")
     if MONITORING:
         # The operator is told: the primary moved (the alert lasts 10 minutes).
@@ -255,3 +282,55 @@ def test_the_primary_host_killed_fails_over_and_comes_back_as_a_replica(secrets,
         rerun = run_playbook("site.yml")
         assert rerun.returncode == 0, rerun.stdout[-3000:]
         assert set(changed_per_host(rerun.stdout).values()) == {0}, changed_per_host(rerun.stdout)
+
+
+def replica_again(secrets, name):
+    """Seconds until NAME is a replica of the primary the sentinels name."""
+    new_primary = address(primary_host(secrets))
+    back, _ = wait(lambda: cli(on(name), secrets["admin"], REDIS_PORT, "ROLE")[:2] == ["slave", new_primary],
+                   120, f"{name} a replica of {new_primary} again", interval=0.5)
+    return back
+
+
+def write_on(container, secrets):
+    """A write on the host's own Redis, asked through docker exec (its network may be cut): its
+    answer, "OK" or the error."""
+    result = container.exec_run(
+        ["redis-cli", "--user", "admin", "--no-auth-warning", "-p", str(REDIS_PORT),
+         "SET", "chat:partition-probe", "1", "EX", "60"], environment={"REDISCLI_AUTH": secrets["admin"]})
+    return result.output.decode().strip()
+
+
+def test_the_primary_cut_off_stops_taking_writes_and_a_replica_takes_over(secrets, edge):
+    victim = primary_off_the_database(secrets)
+    victim_address = address(victim)
+    container = docker.from_env().containers.get(victim)
+    others = [name for name in REDIS_HOSTS if name != victim]
+    # How long a primary waits for a silent replica before it refuses writes.
+    lag = int(cli(on(victim), secrets["admin"], REDIS_PORT, "CONFIG", "GET", "min-replicas-max-lag")[1])
+    # Right after a switchover, its replicas may still be syncing.
+    wait(lambda: write_on(container, secrets) == "OK", 60, f"{victim} taking writes before the cut", interval=0.5)
+    room = new_room("redis-primary-partitioned")
+    traffic = room_traffic(edge, room)
+    with traffic as counts:
+        time.sleep(3)
+        with cut_off(container) as cut:
+            # The others promote a replica; the cut-off one, hearing from no
+            # replica, refuses writes that its demotion would throw away.
+            promoted, _ = wait(lambda: agreed_primary(secrets, others) not in (None, victim_address), 30,
+                               "the other sentinels agreeing on a new primary", interval=0.5)
+            recovery = recovery_after(traffic, edge, room, cut)
+            asked = time.monotonic() - cut
+            _, answer = wait(lambda: (said := write_on(container, secrets)) != "OK" and said,
+                             lag + 15, f"{victim} refusing writes", interval=0.5)
+            refused = time.monotonic() - cut
+        back = replica_again(secrets, victim)
+        time.sleep(3)
+    report(f"Redis primary {victim} cut off: the others named a new primary {promoted:.1f} s after the cut, "
+           f"messages reached every socket again {recovery:.1f} s after; {victim} refused writes "
+           f"({answer.split()[0]}) by {refused:.1f} s after the cut (asked from {asked:.1f} s, "
+           f"min-replicas-max-lag {lag} s); healed, a replica again {back:.0f} s later")
+    assert answer.startswith("NOREPLICAS"), answer
+    account("redis primary cut off", on(RUNNER.get_hosts("app")[0]), room, counts, recovery, expect_drops=0,
+            refused=None)
+    assert recovery <= FAILOVER_WITHIN, f"messages flowed again only after {recovery:.1f} s"

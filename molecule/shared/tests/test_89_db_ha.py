@@ -25,7 +25,7 @@ from clients import INVENTORY, changed_per_host, edge_of, inventory_host, report
 from monitoring import MONITORING, firing, monitoring_host
 from patroni import leader, members, psql
 from test_70_faults import account, new_room, recovery_after
-from test_88_redis_ha import address, booted, killed_under_traffic, primary_host, room_traffic
+from test_88_redis_ha import address, booted, cut_off, killed_under_traffic, primary_host, room_traffic
 
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 DB_HOSTS = RUNNER.get_hosts("db")
@@ -183,17 +183,6 @@ def test_the_leader_host_killed_fails_over_and_comes_back_as_a_replica(edge, sec
     assert set(changed_per_host(rerun.stdout).values()) == {0}, changed_per_host(rerun.stdout)
 
 
-# Drops everything to and from the scenario's network on the host, both
-# ways, loopback and the engine's own exec aside (the check reaches the host
-# through `docker exec` meanwhile, not SSH).
-PARTITION = ("nft add table inet chat-partition && "
-             "nft add chain inet chat-partition in '{ type filter hook input priority -10; policy drop; }' && "
-             "nft add rule inet chat-partition in iif lo accept && "
-             "nft add chain inet chat-partition out '{ type filter hook output priority -10; policy drop; }' && "
-             "nft add rule inet chat-partition out oif lo accept")
-HEAL = "nft delete table inet chat-partition"
-
-
 def in_recovery(container):
     """pg_is_in_recovery() on the host, asked through docker exec (its network is cut)."""
     result = container.exec_run(["runuser", "-u", "postgres", "--", "psql", "-XAtc", "SELECT pg_is_in_recovery()"])
@@ -210,9 +199,7 @@ def test_the_leader_cut_off_stops_taking_writes_and_loses_nothing(edge, secrets)
     traffic = room_traffic(edge, room)
     with traffic as counts:
         time.sleep(3)
-        assert container.exec_run(["sh", "-c", PARTITION]).exit_code == 0
-        cut = time.monotonic()
-        try:
+        with cut_off(container) as cut:
             # The cut-off leader cannot renew its key: it steps down (within
             # retry_timeout) before the others may promote anyone (once the
             # key expires, ttl): never two leaders taking writes.
@@ -224,8 +211,6 @@ def test_the_leader_cut_off_stops_taking_writes_and_loses_nothing(edge, secrets)
             promoted += demoted
             recovery = recovery_after(traffic, edge, room, cut)
             time.sleep(3)
-        finally:
-            container.exec_run(["sh", "-c", HEAL])
         healed = time.monotonic()
         timeline = members(others)[new_leader]["TL"]
         back, _ = rejoined(victim, timeline)

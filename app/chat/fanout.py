@@ -89,12 +89,6 @@ EVENT_TYPE = "chat.message"
 PROBE_TYPE = "chat.probe"
 
 
-def refuses_writes_only(error):
-    """Whether a Redis error is a master's NOREPLICAS: it answers, but takes no writes until a
-    replica is in sync again."""
-    return isinstance(error, RedisResponseError) and "NOREPLICAS" in str(error)
-
-
 class LayerUnavailable(Exception):
     """The channel layer (Redis) does not answer: a room cannot be joined now."""
 
@@ -427,28 +421,17 @@ class Hub:
         master = None
         try:
             while True:
-                named = None
                 try:
                     # Closes this process's connections to a master the
                     # sentinels no longer name (see chatservice/redisconn.py).
                     named = await redisconn.follow_master(client)
-                    pipe = client.pipeline(transaction=False)
-                    added, _ = await pipe.zadd(key, {"alive": 1}).expire(key, WATCH_TTL).execute()
+                    added = await self._mark_alive(client, key)
                 except asyncio.CancelledError:
                     raise
                 except Exception as error:
                     expect_key = False
-                    if refuses_writes_only(error):
-                        # A master with no replica in sync (min-replicas-to-write:
-                        # right after a failover, or cut off from the others)
-                        # answers, and still takes PUBLISH: the layer is up.
-                        # A restart cannot be told by the key meanwhile.
-                        if master is not None and named != master:
-                            self._layer_failed(f"Redis failed over to {redisconn.format_addresses([named])}")
-                        master = named
-                    else:
-                        master = None
-                        self._layer_failed(error)
+                    master = None
+                    self._layer_failed(error)
                 else:
                     if master is not None and named != master:
                         # What was published on the old master meanwhile is
@@ -456,11 +439,27 @@ class Hub:
                         self._layer_failed(f"Redis failed over to {redisconn.format_addresses([named])}")
                     elif added and expect_key:
                         self._layer_failed("Redis lost its data: restarted")
-                    expect_key = True
+                    # Unwritten (None), a missing key next time is no news.
+                    expect_key = added is not None
                     master = named
                 await asyncio.sleep(WATCH_INTERVAL)
         finally:
             await client.aclose()
+
+    @staticmethod
+    async def _mark_alive(client, key):
+        """Writes the watchdog's key: whether it was new, or None when the master refused the
+        write with NOREPLICAS (min-replicas-to-write: no replica in sync, right after a failover
+        or when cut off from the others). Such a master answers and still takes PUBLISH: for the
+        layer it is up."""
+        pipe = client.pipeline(transaction=False)
+        try:
+            added, _ = await pipe.zadd(key, {"alive": 1}).expire(key, WATCH_TTL).execute()
+        except RedisResponseError as error:
+            if "NOREPLICAS" not in str(error):
+                raise
+            return None
+        return added
 
     def _layer_failed(self, error):
         """Notes a failed layer operation: logged once, then recovered in the background."""

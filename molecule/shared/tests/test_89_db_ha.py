@@ -25,7 +25,8 @@ from clients import INVENTORY, changed_per_host, edge_of, inventory_host, report
 from monitoring import MONITORING, firing, monitoring_host
 from patroni import leader, members, psql
 from test_70_faults import account, new_room, recovery_after
-from test_88_redis_ha import address, booted, cut_off, killed_under_traffic, primary_host, room_traffic
+from test_88_redis_ha import (address, booted, cut_off, killed_under_traffic, move_primary, primary_host,
+                              room_traffic)
 
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 DB_HOSTS = RUNNER.get_hosts("db")
@@ -130,9 +131,7 @@ def keep_redis_off(victim, secrets):
     """Moves the Redis primary off VICTIM (every db host is a Redis host too), so that what the
     check does to it tests PostgreSQL's failover alone."""
     if primary_host(secrets) == victim:
-        elsewhere = next(name for name in RUNNER.get_hosts("redis") if name != victim)
-        result = run_playbook("playbooks/switchover.yml", "-e", f"chat_switchover_redis={elsewhere}")
-        assert result.returncode == 0, result.stdout[-3000:]
+        move_primary(next(name for name in RUNNER.get_hosts("redis") if name != victim))
 
 
 def rejoined(victim, timeline):

@@ -10,7 +10,6 @@ import json
 import os
 import pathlib
 import subprocess
-import textwrap
 
 import pytest
 
@@ -128,11 +127,27 @@ def test_an_app_host_the_web_host_cannot_reach_is_refused(tmp_path):
     ("chat_secret_key", "CHANGE-ME-50-random-characters-" + "k" * 30),
     # One value for two secrets.
     ("chat_redis_password", "a" * 32),
+    # A rotated-out key: too short, not a list, or the key now.
+    ("chat_secret_key_fallbacks", ["o" * 49]),
+    ("chat_secret_key_fallbacks", "o" * 50),
+    ("chat_secret_key_fallbacks", ["k" * 50]),
+    # The Redis password before a rotation: unsafe, or the password now.
+    ("chat_redis_password_previous", "o" * 31 + "@"),
+    ("chat_redis_password_previous", "p" * 32),
 ])
 def test_short_or_unsafe_secret_is_refused(tmp_path, variable, value):
     inventory = write_inventory(tmp_path, ["web", "app", "redis"])
     rc, output = run_site(inventory, "-e", json.dumps({variable: value}))
     assert_refused_before_any_change(rc, output, "lacks chat_secret_key")
+
+
+def test_rotated_out_secrets_pass_preflight(tmp_path):
+    """The control for the rotated-out secrets above: other values of the same rules."""
+    inventory = write_inventory(tmp_path, ["web", "app", "redis"])
+    rc, output = run_site(inventory, "-e", json.dumps({"chat_secret_key_fallbacks": ["o" * 50],
+                                                       "chat_redis_password_previous": "o" * 32}),
+                          "--tags", "never")
+    assert rc == 0, output[-3000:]
 
 
 def vault_inventory(tmp_path, encrypted):

@@ -23,6 +23,10 @@ if not SECRET_KEY:
             "(or DEBUG=true for local development only)."
         )
     SECRET_KEY = "django-insecure-local-development-only"
+# Keys that were SECRET_KEY before a rotation: what they signed (sessions,
+# signed values) still verifies, while everything new is signed with
+# SECRET_KEY. Dropped once what they signed has expired.
+SECRET_KEY_FALLBACKS = env_list("SECRET_KEY_FALLBACKS")
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1")
 if DEBUG:

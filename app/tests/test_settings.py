@@ -52,6 +52,29 @@ def test_missing_secret_key_stops_start_up_with_a_clear_message():
     assert "SECRET_KEY is not set" in result.stderr
 
 
+def test_a_value_signed_with_a_rotated_key_verifies_while_it_is_a_fallback():
+    """SECRET_KEY rotated: what the old key signed verifies with it in SECRET_KEY_FALLBACKS, not after."""
+    script = (
+        "import sys\n"
+        "from django.conf import settings\n"
+        "from django.core import signing\n"
+        "settings.configure(SECRET_KEY=sys.argv[1], SECRET_KEY_FALLBACKS=sys.argv[2:])\n"
+        "print(signing.dumps('kept') if len(sys.argv) == 2 else signing.loads(sys.stdin.read().strip()))\n"
+    )
+
+    def run(*keys, stdin=""):
+        return subprocess.run([sys.executable, "-c", script, *keys], cwd=APP_DIR, input=stdin,
+                              capture_output=True, text=True, timeout=60)
+
+    signed = run("old-key-" + "o" * 50).stdout.strip()
+    assert run("new-key-" + "n" * 50, "old-key-" + "o" * 50, stdin=signed).stdout.strip() == "kept"
+    refused = run("new-key-" + "n" * 50, "other-" + "x" * 50, stdin=signed)
+    assert refused.returncode != 0 and "BadSignature" in refused.stderr
+    values = read_settings({"SECRET_KEY": "k" * 50, "SECRET_KEY_FALLBACKS": "a" * 50 + ", " + "b" * 50},
+                           "SECRET_KEY_FALLBACKS")
+    assert values["SECRET_KEY_FALLBACKS"] == ["a" * 50, "b" * 50]
+
+
 def test_debug_needs_no_secret_key_and_allows_localhost():
     values = read_settings({"DEBUG": "yes", "ALLOWED_HOSTS": "chat.example"}, "DEBUG", "ALLOWED_HOSTS")
     assert values["DEBUG"] is True

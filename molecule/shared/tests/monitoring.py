@@ -7,7 +7,9 @@ see that the fault they cause fires its alert.
 import json
 import re
 import shlex
+import time
 
+import pytest
 import testinfra.utils.ansible_runner
 
 from clients import INVENTORY, inventory_host
@@ -51,3 +53,17 @@ def firing(monitor, alertname, **labels):
     alerts = api(monitor, f"{monitor.alertmanager}/api/v2/alerts?active=true&silenced=false&inhibited=false")
     return [alert for alert in alerts if alert["labels"]["alertname"] == alertname
             and all(alert["labels"].get(name) == wanted for name, wanted in labels.items())]
+
+
+def wait_firing(monitor, alertname, timeout, *context):
+    """Seconds until ALERTNAME is active in Alertmanager. After TIMEOUT the check fails with what
+    Prometheus holds of the alert (ALERTS) and of the CONTEXT expressions, so that a failure in
+    CI names its cause (a rule that never held, or an alert Alertmanager never got)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if firing(monitor, alertname):
+            return time.monotonic() - started
+        time.sleep(3)
+    seen = {expr: [(row["metric"], row["value"][1]) for row in query(monitor, expr)]
+            for expr in (f'ALERTS{{alertname="{alertname}"}}', *context)}
+    pytest.fail(f"{alertname} in Alertmanager: not within {timeout} s; Prometheus has {seen}")

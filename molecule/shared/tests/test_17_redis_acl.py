@@ -1,5 +1,6 @@
 """Redis users: the app's may run only what the channel layer needs, `default` is off."""
 
+import hashlib
 import re
 
 import pytest
@@ -81,6 +82,8 @@ def test_the_exporters_user_reads_statistics_only(host, admin_password):
 
 def test_passwords_are_stored_hashed(host, app_url):
     password = app_url.split("@")[0].rsplit(":", 1)[1]
-    conf = host.check_output("cat /etc/redis/redis.conf")
+    conf = host.check_output("cat /etc/redis/redis.conf /etc/redis/users.conf")
     assert password not in conf
     assert "requirepass" not in conf
+    # The users file holds the hash.
+    assert f"#{hashlib.sha256(password.encode()).hexdigest()}" in conf

@@ -39,7 +39,8 @@ def test_commands_run_as_deploy_through_sudo(host):
 
 
 @pytest.mark.parametrize("path", [pytest.param("/srv/chat/shared/chat.env", marks=pytest.mark.needs("app")),
-                                  pytest.param("/etc/redis/redis.conf", marks=pytest.mark.needs("redis"))])
+                                  pytest.param("/etc/redis/redis.conf", marks=pytest.mark.needs("redis")),
+                                  pytest.param("/etc/redis/users.conf", marks=pytest.mark.needs("redis"))])
 def test_files_with_secrets_are_closed_to_the_deploy_user_without_sudo(host, path):
     assert host.file(path).exists
     result = host.run(f"runuser -u deploy -- cat {path}")

@@ -21,7 +21,7 @@ import pytest
 import testinfra.utils.ansible_runner
 
 from clients import INVENTORY, changed_per_host, edge_of, inventory_host, report, run_playbook, tcp_open, wait
-from monitoring import MONITORING, firing, monitoring_host
+from monitoring import MONITORING, monitoring_host, wait_firing
 from patroni import members
 from test_70_faults import SENDERS, SOCKETS, account, new_room, recovery_after
 from traffic import Traffic
@@ -283,7 +283,7 @@ def test_the_primary_host_killed_fails_over_and_comes_back_as_a_replica(secrets,
         # The operator is told: the primary moved (the alert lasts 10 minutes).
         monitor = monitoring_host()
         # for: 1m, a scrape, an evaluation and group_wait after the promotion.
-        seconds, _ = wait(lambda: firing(monitor, "ChatRedisFailedOver"), 180, "ChatRedisFailedOver in Alertmanager")
+        seconds = wait_firing(monitor, "ChatRedisFailedOver", 180, "redis_instance_info")
         report(f"Alerting: ChatRedisFailedOver firing in Alertmanager {seconds:.0f} s after the check asked")
     # With Patroni on the same hosts, test_89's kill check ends with the
     # same rerun, after both failovers: one rerun (a minute) for the two.

@@ -22,7 +22,7 @@ import pytest
 import testinfra.utils.ansible_runner
 
 from clients import INVENTORY, changed_per_host, edge_of, inventory_host, report, run_playbook, tcp_reachable, wait
-from monitoring import MONITORING, firing, monitoring_host
+from monitoring import MONITORING, monitoring_host, wait_firing
 from patroni import leader, members, psql
 from test_70_faults import account, new_room, recovery_after
 from test_88_redis_ha import (address, booted, cut_off, killed_under_traffic, move_primary, primary_host,
@@ -173,8 +173,7 @@ def test_the_leader_host_killed_fails_over_and_comes_back_as_a_replica(edge, sec
            f"{', rewound with pg_rewind' if rewound else ''}")
     if MONITORING:
         monitor = monitoring_host()
-        seconds, _ = wait(lambda: firing(monitor, "ChatPostgresFailedOver"), 180,
-                          "ChatPostgresFailedOver in Alertmanager")
+        seconds = wait_firing(monitor, "ChatPostgresFailedOver", 180, "patroni_primary")
         report(f"Alerting: ChatPostgresFailedOver firing in Alertmanager {seconds:.0f} s after the check asked")
     # Also the rerun after test_88's Redis failover (the same hosts).
     rerun = run_playbook("site.yml")

@@ -1,0 +1,102 @@
+"""Rotating Django's SECRET_KEY and the app's Redis password under a room's traffic
+(playbooks/rotate.yml, README "Operating: secrets").
+
+Runs where group app has two hosts or more (the cluster scenario), last: it
+leaves the hosts on secrets the inventory does not hold. Step one runs
+rotate.yml with new values and the old ones beside them
+(chat_secret_key_fallbacks, chat_redis_password_previous): every Redis and
+sentinel accepts both passwords, every app server restarts onto the new
+values, and a value the old key signed still verifies on every app host.
+Step two runs it with the new values alone: the old password is refused by
+every Redis and sentinel (tried: the login fails, PING is refused), and that
+value by every app host. Both
+under traffic with half the clients reconnecting at once: 0 failed requests,
+0 failed handshakes, only 1012 closes, 0 refused posts, 0 lost.
+"""
+
+import json
+import secrets
+import shlex
+import time
+
+import pytest
+import testinfra.utils.ansible_runner
+
+from clients import INVENTORY, edge_of, inventory_host, inventory_value, report, run_playbook
+from test_50_deploy import assert_gentle_reconnects
+from test_70_faults import account, new_room, recovery_after
+from test_88_redis_ha import REDIS_PORT, SENTINEL_PORT, cli, room_traffic
+
+RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
+APP_HOSTS = RUNNER.get_hosts("app")
+REDIS_HOSTS = RUNNER.get_hosts("redis")
+
+pytestmark = pytest.mark.skipif(len(APP_HOSTS) < 2, reason="SKIPPED: one app host (the cluster scenario checks it)")
+
+on = inventory_host
+
+SIGN = "from django.core import signing; print(signing.dumps('kept'))"
+
+
+def shell(name, code):
+    """Django's shell on NAME with the settings its servers use (chat-manage): rc, last line printed."""
+    result = on(name).run(f"chat-manage shell --no-imports -c {shlex.quote(code)}")
+    return result.rc, (result.stdout.strip().splitlines() or [""])[-1]
+
+
+def verifies(name, token):
+    """Whether the app on NAME accepts TOKEN's signature."""
+    return shell(name, f"from django.core import signing; print(signing.loads({token!r}))") == (0, "kept")
+
+
+def redis_logins(password):
+    """Where the app's user logs in with PASSWORD: {(host, port): answer to PING}."""
+    ports = [REDIS_PORT] + ([SENTINEL_PORT] if len(REDIS_HOSTS) > 1 else [])
+    return {(name, port): " ".join(cli(on(name), password, port, "PING", user="chat"))
+            for name in REDIS_HOSTS for port in ports}
+
+
+def rotated_under_traffic(edge, name, slug, values):
+    room = new_room(slug)
+    traffic = room_traffic(edge, room)
+    with traffic as counts:
+        time.sleep(3)
+        result = run_playbook("playbooks/rotate.yml", "-e", json.dumps(values))
+        recovery = recovery_after(traffic, edge, room, time.monotonic())
+        time.sleep(2)
+    assert result.returncode == 0, result.stdout[-4000:]
+    reconnects = assert_gentle_reconnects(counts)
+    account(name, on(APP_HOSTS[0]), room, counts, recovery)
+    report(f"{name}: rotate.yml {result.seconds:.0f} s; {counts.http_ok} requests answered, "
+           f"{len(counts.http_failed)} failed; {len(counts.closes)} closes (1012), reconnects {reconnects}")
+
+
+def test_rotated_secrets_are_accepted_beside_the_old_ones_then_alone():
+    edge = edge_of(on(RUNNER.get_hosts("web")[0]))
+    old_key = inventory_value(APP_HOSTS[0], "chat_secret_key")
+    old_password = inventory_value(APP_HOSTS[0], "chat_redis_password")
+    new_key, new_password = secrets.token_urlsafe(50), secrets.token_urlsafe(32)
+    rc, token = shell(APP_HOSTS[0], SIGN)
+    assert rc == 0 and token, "the control: the app signs a value"
+    assert all(verifies(name, token) for name in APP_HOSTS), "the control: the key now verifies its own"
+    assert set(redis_logins(old_password).values()) == {"PONG"}, "the control: the password now logs in"
+
+    rotated_under_traffic(edge, "secrets rotated, the old ones beside them", "rotate-both",
+                          {"chat_secret_key": new_key, "chat_secret_key_fallbacks": [old_key],
+                           "chat_redis_password": new_password, "chat_redis_password_previous": old_password})
+    for name in APP_HOSTS:
+        env = on(name).check_output("cat /srv/chat/shared/chat.env")
+        assert f"SECRET_KEY='{new_key}'" in env and f"SECRET_KEY_FALLBACKS='{old_key}'" in env, name
+        assert f":{new_password}@" in env and old_password not in env, name
+        assert verifies(name, token), f"{name}: a value the old key signed was refused with it a fallback"
+    assert set(redis_logins(new_password).values()) == {"PONG"}, redis_logins(new_password)
+    assert set(redis_logins(old_password).values()) == {"PONG"}, "the old password was refused too early"
+
+    rotated_under_traffic(edge, "the old secrets dropped", "rotate-drop",
+                          {"chat_secret_key": new_key, "chat_redis_password": new_password})
+    assert [name for name in APP_HOSTS if verifies(name, token)] == [], "the old key's signature still verifies"
+    assert set(redis_logins(new_password).values()) == {"PONG"}, redis_logins(new_password)
+    # redis-cli's AUTH fails (WRONGPASS, on stderr), then PING is refused unauthenticated.
+    still = {where: answer for where, answer in redis_logins(old_password).items()
+             if answer == "PONG" or not answer.startswith("NOAUTH")}
+    assert still == {}, f"the old password still logs in at {still}"

@@ -196,6 +196,21 @@ def room_traffic(edge, room):
                    max_seconds=300, at_once=0.5)
 
 
+def playbook_under_traffic(edge, slug, playbook, *args):
+    """PLAYBOOK (with ARGS) run under a room's traffic (room_traffic). Returns the run, the traffic's
+    counts, the seconds from the run's end until a message posted then reached every socket, and
+    the room."""
+    room = new_room(slug)
+    traffic = room_traffic(edge, room)
+    with traffic as counts:
+        time.sleep(3)
+        result = run_playbook(playbook, *args)
+        assert result.returncode == 0, result.stdout[-3000:]
+        recovery = recovery_after(traffic, edge, room, time.monotonic())
+        time.sleep(3)
+    return result, counts, recovery, room
+
+
 def killed_under_traffic(edge, victim, room, promoted, timeout, what):
     """VICTIM's host killed (`docker kill`, no clean stop) under a room's traffic, and started
     again afterwards. Returns the traffic's counts, the seconds until PROMOTED() answered (WHAT,
@@ -243,15 +258,8 @@ def test_a_planned_switchover_fails_no_request_and_refuses_no_post(secrets, edge
     before = primary_host(secrets)
     # Where the kill check below wants the primary, when it can be elsewhere.
     target = sorted((name for name in REDIS_HOSTS if name != before), key=commits_wait_for)[0]
-    room = new_room("redis-switchover")
-    traffic = room_traffic(edge, room)
-    with traffic as counts:
-        time.sleep(3)
-        result = run_playbook("playbooks/switchover.yml", "-e", f"chat_switchover_redis={target}")
-        assert result.returncode == 0, result.stdout[-3000:]
-        moved = time.monotonic()
-        recovery = recovery_after(traffic, edge, room, moved)
-        time.sleep(3)
+    result, counts, recovery, room = playbook_under_traffic(
+        edge, "redis-switchover", "playbooks/switchover.yml", "-e", f"chat_switchover_redis={target}")
     assert primary_host(secrets) == target
     report(f"Redis switchover {before} -> {target}: playbook {result.seconds:.0f} s")
     account("redis switchover", on(RUNNER.get_hosts("app")[0]), room, counts, recovery, expect_drops=0,

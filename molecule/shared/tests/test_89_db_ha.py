@@ -25,8 +25,8 @@ from clients import INVENTORY, changed_per_host, edge_of, inventory_host, report
 from monitoring import MONITORING, monitoring_host, wait_firing
 from patroni import leader, members, psql
 from test_70_faults import account, new_room, recovery_after
-from test_88_redis_ha import (address, booted, cut_off, killed_under_traffic, move_primary, primary_host,
-                              room_traffic)
+from test_88_redis_ha import (address, booted, cut_off, killed_under_traffic, move_primary, playbook_under_traffic,
+                              primary_host, room_traffic)
 
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 DB_HOSTS = RUNNER.get_hosts("db")
@@ -111,15 +111,8 @@ def test_each_port_answers_whom_it_serves_only():
 def test_a_planned_switchover_fails_no_request_and_refuses_no_post(edge):
     rows = healthy(DB_HOSTS)
     before, target = role_of(rows, "Leader"), role_of(rows, "Replica")
-    room = new_room("db-switchover")
-    traffic = room_traffic(edge, room)
-    with traffic as counts:
-        time.sleep(3)
-        result = run_playbook("playbooks/switchover.yml", "-e", f"chat_switchover_db={target}")
-        assert result.returncode == 0, result.stdout[-3000:]
-        moved = time.monotonic()
-        recovery = recovery_after(traffic, edge, room, moved)
-        time.sleep(3)
+    result, counts, recovery, room = playbook_under_traffic(
+        edge, "db-switchover", "playbooks/switchover.yml", "-e", f"chat_switchover_db={target}")
     assert leader(DB_HOSTS) == target
     report(f"PostgreSQL switchover {before} -> {target} (a replica that was not the synchronous one): "
            f"playbook {result.seconds:.0f} s")

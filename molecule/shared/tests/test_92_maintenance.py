@@ -19,7 +19,6 @@ harsh: half reconnect at once after a close, pollers ask for the lobby
 """
 
 import contextlib
-import time
 
 import docker
 import pytest
@@ -27,8 +26,8 @@ import testinfra.utils.ansible_runner
 
 from clients import INVENTORY, edge_of, inventory_host, report, run_playbook
 from test_50_deploy import assert_gentle_reconnects
-from test_70_faults import account, new_room, recovery_after
-from test_88_redis_ha import address, primary_host, roles, room_traffic
+from test_70_faults import account
+from test_88_redis_ha import address, playbook_under_traffic, primary_host, roles
 from test_89_db_ha import healthy
 
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
@@ -66,15 +65,9 @@ def maintained_under_traffic(edge, names, name):
     """maintenance.yml with a reboot of each of NAMES, under a room's traffic. Returns the run,
     the traffic's counts and the seconds from the run's end until a message reached every socket."""
     before = {host: pid1_started(host) for host in names}
-    room = new_room(name)
-    traffic = room_traffic(edge, room)
-    with rebootable(names), traffic as counts:
-        time.sleep(3)
-        result = run_playbook("playbooks/maintenance.yml", "-e", "chat_maintenance_reboot=always",
-                              "--limit", ",".join(names))
-        recovery = recovery_after(traffic, edge, room, time.monotonic())
-        time.sleep(2)
-    assert result.returncode == 0, result.stdout[-4000:]
+    with rebootable(names):
+        result, counts, recovery, room = playbook_under_traffic(
+            edge, name, "playbooks/maintenance.yml", "-e", "chat_maintenance_reboot=always", "--limit", ",".join(names))
     not_rebooted = [host for host in names if pid1_started(host) == before[host]]
     assert not_rebooted == [], f"not rebooted: {not_rebooted}"
     return result, counts, recovery, room

@@ -17,15 +17,14 @@ under traffic with half the clients reconnecting at once: 0 failed requests,
 import json
 import secrets
 import shlex
-import time
 
 import pytest
 import testinfra.utils.ansible_runner
 
-from clients import INVENTORY, edge_of, inventory_host, inventory_value, report, run_playbook
+from clients import INVENTORY, edge_of, inventory_host, inventory_value, report
 from test_50_deploy import assert_gentle_reconnects
-from test_70_faults import account, new_room, recovery_after
-from test_88_redis_ha import REDIS_PORT, SENTINEL_PORT, cli, room_traffic
+from test_70_faults import account
+from test_88_redis_ha import REDIS_PORT, SENTINEL_PORT, cli, playbook_under_traffic
 
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 APP_HOSTS = RUNNER.get_hosts("app")
@@ -57,14 +56,8 @@ def redis_logins(password):
 
 
 def rotated_under_traffic(edge, name, slug, values):
-    room = new_room(slug)
-    traffic = room_traffic(edge, room)
-    with traffic as counts:
-        time.sleep(3)
-        result = run_playbook("playbooks/rotate.yml", "-e", json.dumps(values))
-        recovery = recovery_after(traffic, edge, room, time.monotonic())
-        time.sleep(2)
-    assert result.returncode == 0, result.stdout[-4000:]
+    result, counts, recovery, room = playbook_under_traffic(edge, slug, "playbooks/rotate.yml",
+                                                            "-e", json.dumps(values))
     reconnects = assert_gentle_reconnects(counts)
     account(name, on(APP_HOSTS[0]), room, counts, recovery)
     report(f"{name}: rotate.yml {result.seconds:.0f} s; {counts.http_ok} requests answered, "

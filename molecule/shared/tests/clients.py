@@ -308,15 +308,16 @@ def app_copy(tmp_path, name, change=None):
     return target
 
 
-def wait(condition, timeout, what, interval=3):
-    """Seconds until CONDITION() is true, and its result; fails the check after TIMEOUT seconds."""
+def wait(condition, timeout, what, interval=3, explain=None):
+    """Seconds until CONDITION() is true, and its result; fails the check after TIMEOUT seconds,
+    with what EXPLAIN() then returns (the state a CI log needs to name the cause)."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         result = condition()
         if result:
             return time.monotonic() - started, result
         time.sleep(interval)
-    pytest.fail(f"{what}: not within {timeout} s")
+    pytest.fail(f"{what}: not within {timeout} s" + (f"; {explain()}" if explain else ""))
 
 
 REACH = """

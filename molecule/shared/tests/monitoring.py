@@ -12,7 +12,7 @@ import time
 import pytest
 import testinfra.utils.ansible_runner
 
-from clients import INVENTORY, inventory_host
+from clients import INVENTORY, inventory_host, wait
 
 MONITORING = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("monitoring")
 
@@ -64,6 +64,19 @@ def wait_firing(monitor, alertname, timeout, *context):
         if firing(monitor, alertname):
             return time.monotonic() - started
         time.sleep(3)
+    rules = [{key: rule.get(key) for key in ("query", "state", "health", "lastError", "lastEvaluation")}
+             for group in api(monitor, f"{monitor.prometheus}/api/v1/rules?type=alert")["data"]["groups"]
+             for rule in group["rules"] if rule["name"] == alertname]
     seen = {expr: [(row["metric"], row["value"][1]) for row in query(monitor, expr)]
             for expr in (f'ALERTS{{alertname="{alertname}"}}', *context)}
-    pytest.fail(f"{alertname} in Alertmanager: not within {timeout} s; Prometheus has {seen}")
+    pytest.fail(f"{alertname} in Alertmanager: not within {timeout} s; its rule {rules}; Prometheus has {seen}")
+
+
+def wait_scraped(monitor, expr, instances, timeout=60):
+    """Seconds until Prometheus's latest samples of EXPR come from exactly INSTANCES. A fault
+    caused after this is judged against a state Prometheus has seen: it scrapes every 15 s, so
+    a primary that moved a moment before may still be a primary in its samples."""
+    def seen():
+        return {row["metric"]["instance"] for row in query(monitor, expr)}
+    return wait(lambda: seen() == set(instances), timeout, f"Prometheus seeing {expr} from {sorted(instances)}",
+                interval=1, explain=lambda: f"it sees it from {sorted(seen())}")[0]

@@ -35,3 +35,9 @@ def leader(names):
 def psql(host, sql, database="chat"):
     """One query as the postgres system user on HOST (peer authentication); its rows."""
     return host.check_output("runuser -u postgres -- psql -XAtq -d %s -c %s", database, sql)
+
+
+def leader_timeline(host):
+    """The timeline HOST's primary writes, read from PostgreSQL (its current WAL file's name): the
+    leader's row in `patronictl list` can still show the one before a promotion for a while."""
+    return int(psql(host, "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)", "postgres"), 16)

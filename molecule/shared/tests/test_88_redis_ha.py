@@ -21,7 +21,7 @@ import pytest
 import testinfra.utils.ansible_runner
 
 from clients import INVENTORY, changed_per_host, edge_of, inventory_host, report, run_playbook, tcp_open, wait
-from monitoring import MONITORING, monitoring_host, wait_firing
+from monitoring import MONITORING, monitoring_host, wait_firing, wait_scraped
 from patroni import members
 from test_70_faults import SENDERS, SOCKETS, account, new_room, recovery_after
 from traffic import Traffic
@@ -271,6 +271,11 @@ def test_the_primary_host_killed_fails_over_and_comes_back_as_a_replica(secrets,
     victim = primary_off_the_database(secrets)
     victim_address = address(victim)
     others = [name for name in REDIS_HOSTS if name != victim]
+    if MONITORING:
+        # The alert names a primary that was a replica in Prometheus's samples:
+        # the one promoted now must have been scraped as one since it was last
+        # a primary (primary_off_the_database may have moved it a moment ago).
+        wait_scraped(monitoring_host(), 'redis_instance_info{role="slave"}', others)
     room = new_room("redis-primary-killed")
     # Recovery: the channel layer has a primary again.
     counts, promoted, _, recovery = killed_under_traffic(

@@ -213,6 +213,32 @@ def test_acme_settings_pass_preflight(tmp_path):
     assert rc == 0, output[-3000:]
 
 
+PROVIDED = {"chat_tls_certificate_source": "provided",
+            "chat_tls_certificate": "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n",
+            "chat_tls_key": "-----BEGIN PRIVATE KEY-----\ny\n-----END PRIVATE KEY-----\n"}
+
+
+@pytest.mark.parametrize(("extra", "shown"), [
+    ({"chat_rotate_tls_key": "soon"}, "now 'soon'"),
+    ({**PROVIDED, "chat_rotate_tls_key": True}, "comes from the vault"),
+], ids=["not-a-boolean", "provided"])
+def test_a_tls_key_rotation_is_checked(tmp_path, extra, shown):
+    rc, output = run_site(write_inventory(tmp_path, ["web", "app", "redis"]), "-e", json.dumps(extra))
+    assert_refused_before_any_change(rc, output, "chat_rotate_tls_key", shown)
+
+
+@pytest.mark.parametrize("extra", [
+    {"chat_rotate_tls_key": "true"},  # as -e chat_rotate_tls_key=true gives it
+    {**ACME, "chat_rotate_tls_key": True},
+    PROVIDED,
+], ids=["self-signed", "acme", "provided-without-rotation"])
+def test_a_tls_key_rotation_passes_preflight(tmp_path, extra):
+    """The controls for the test above."""
+    rc, output = run_site(write_inventory(tmp_path, ["web", "app", "redis"]), "-e", json.dumps(extra),
+                          "--tags", "never")
+    assert rc == 0, output[-3000:]
+
+
 def test_self_signed_certificate_is_refused_where_there_is_a_vault(tmp_path):
     inventory, options = vault_inventory(tmp_path, encrypted=True)
     rc, output = run_site(inventory, *options, "-e", "chat_tls_certificate_source=self_signed")

@@ -1,4 +1,5 @@
-"""The acme certificate source: issued by an ACME CA, served on 443, renewed without a failed request.
+"""The acme certificate source: issued by an ACME CA, served on 443, renewed and its key rotated
+(playbooks/rotate.yml -e chat_rotate_tls_key=true) without a failed request.
 
 Only the acme scenario has a CA to ask (Debian's pebble on a second host,
 which validates HTTP-01 for real through Nginx's port 80); elsewhere these
@@ -13,8 +14,10 @@ import threading
 import time
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from clients import _published_port, report
+from clients import _published_port, report, run_playbook
 
 NAME = "chat.acme.test"
 LIVE = f"/etc/letsencrypt/live/{NAME}"
@@ -95,59 +98,97 @@ def test_renewal_runs_from_certbots_timer(host):
     assert host.check_output("systemctl show --property=Result --value certbot.service") == "success"
 
 
+class Polled:
+    """HTTPS requests on new connections while an action runs: 4 clients x 4 requests/s (inside
+    the edge's page limit, 20/s), each counting what it got and which certificate served it."""
+
+    def __init__(self, site):
+        self.site, self.seen, self.failures, self.served = site, {}, [], 0
+        self.lock, self.stop = threading.Lock(), threading.Event()
+
+    def poll(self):
+        deadline = time.monotonic() + 180
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                status, der, _ = self.site.get(timeout=10)
+                with self.lock:
+                    self.served += 1
+                    self.seen[der] = self.seen.get(der, 0) + 1
+                    if status != 200:
+                        self.failures.append(f"HTTP {status}")
+            except (OSError, ValueError, IndexError) as error:
+                with self.lock:
+                    self.failures.append(repr(error)[:200])
+            time.sleep(0.25)
+
+    def during(self, action, served_after):
+        """Runs ACTION() under the requests and returns its result; the requests go on until
+        SERVED_AFTER() names the certificate that 8 of them got (each Nginx worker moves to a
+        new one when the reload reaches it), 30 s at most."""
+        threads = [threading.Thread(target=self.poll, daemon=True) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        try:
+            time.sleep(2)
+            result = action()
+            after = served_after()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                with self.lock:
+                    if self.seen.get(after, 0) >= 8:
+                        break
+                time.sleep(0.5)
+            time.sleep(2)
+        finally:
+            self.stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
+        return result
+
+
+def public_key(der):
+    """The public key a certificate (DER) carries, as DER."""
+    return x509.load_der_x509_certificate(der).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
 def test_forced_renewal_is_served_without_a_failed_request(host, site):
     """`certbot renew --force-renewal` under https load: every request answered, the new certificate served."""
     before, challenges_before = live_certificate(host), len(challenges_served(host))
-    seen, failures, served = {}, [], [0]
-    lock, stop = threading.Lock(), threading.Event()
-
-    def poll():
-        # 4 clients x 4 requests/s: inside the edge's page limit (20/s).
-        deadline = time.monotonic() + 120
-        while not stop.is_set() and time.monotonic() < deadline:
-            try:
-                status, der, _ = site.get(timeout=10)
-                with lock:
-                    served[0] += 1
-                    seen[der] = seen.get(der, 0) + 1
-                    if status != 200:
-                        failures.append(f"HTTP {status}")
-            except (OSError, ValueError, IndexError) as error:
-                with lock:
-                    failures.append(repr(error)[:200])
-            time.sleep(0.25)
-
-    threads = [threading.Thread(target=poll, daemon=True) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
-        time.sleep(2)
-        started = time.monotonic()
-        renewal = host.run("certbot renew --force-renewal --no-random-sleep-on-renew")
-        renewed_in = time.monotonic() - started
-        after = live_certificate(host)
-        # Each Nginx worker moves to the new certificate when the reload reaches it.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with lock:
-                count = seen.get(after, 0)
-            if count >= 8:
-                break
-            time.sleep(0.5)
-        time.sleep(2)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
-    report(f"acme renewal: certbot renew --force-renewal took {renewed_in:.1f} s; {served[0]} https requests "
-           f"during it, {len(failures)} failed; {seen.get(before, 0)} served the old certificate, "
+    polled = Polled(site)
+    started = time.monotonic()
+    renewal = polled.during(lambda: host.run("certbot renew --force-renewal --no-random-sleep-on-renew"),
+                            lambda: live_certificate(host))
+    renewed_in = time.monotonic() - started
+    after, seen = live_certificate(host), polled.seen
+    report(f"acme renewal: certbot renew --force-renewal took {renewed_in:.1f} s; {polled.served} https requests "
+           f"during it, {len(polled.failures)} failed; {seen.get(before, 0)} served the old certificate, "
            f"{seen.get(after, 0)} the new one")
     assert renewal.rc == 0, renewal.stdout + renewal.stderr
     assert after != before, "certbot did not replace the certificate"
     # pebble reuses no authorisation here: the renewal was validated again.
     assert len(challenges_served(host)) > challenges_before
-    assert failures == [], failures[:10]
+    assert polled.failures == [], polled.failures[:10]
     assert seen.get(before, 0) > 0 and seen.get(after, 0) >= 8, {len(k): v for k, v in seen.items()}
     assert set(seen) == {before, after}
     status, der, _ = site.get()
     assert (status, der) == (200, after)
+
+
+def test_a_key_rotation_by_rotate_yml_is_served_without_a_failed_request(host, site):
+    """playbooks/rotate.yml -e chat_rotate_tls_key=true (README "Operating: secrets") under https
+    load: the CA issues a certificate for a new key, due or not, Nginx serves it, every request is
+    answered, and no connection gets the old key afterwards."""
+    before = live_certificate(host)
+    polled = Polled(site)
+    rotation = polled.during(lambda: run_playbook("playbooks/rotate.yml", "-e", "chat_rotate_tls_key=true"),
+                             lambda: live_certificate(host))
+    after, seen = live_certificate(host), polled.seen
+    report(f"TLS key rotated (acme): rotate.yml {rotation.seconds:.0f} s; {polled.served} https requests during "
+           f"it, {len(polled.failures)} failed; {seen.get(before, 0)} served the old key, {seen.get(after, 0)} the new")
+    assert rotation.returncode == 0, rotation.stdout[-3000:]
+    assert public_key(after) != public_key(before), "the new certificate kept the old key"
+    assert polled.failures == [], polled.failures[:10]
+    assert seen.get(after, 0) >= 8, {len(k): v for k, v in seen.items()}
+    # Every worker moved: ten new connections in a row get the new key.
+    assert {public_key(site.get()[1]) for _ in range(10)} == {public_key(after)}

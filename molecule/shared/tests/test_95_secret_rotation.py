@@ -12,16 +12,27 @@ every Redis and sentinel (tried: the login fails, PING is refused), and that
 value by every app host. Both
 under traffic with half the clients reconnecting at once: 0 failed requests,
 0 failed handshakes, only 1012 closes, 0 refused posts, 0 lost.
+
+The site's self-signed key (-e chat_rotate_tls_key=true) is rotated on the
+all-in-one host, on one Debian release: a client that trusts the new
+certificate alone is answered by every Nginx worker, one that trusts the
+old one is refused. A client pinning a self-signed certificate has to be
+given the new one, so there is no traffic to count; test_80_acme rotates a
+CA-issued key under load.
 """
 
 import json
 import secrets
 import shlex
+import ssl
+import urllib.error
 
 import pytest
 import testinfra.utils.ansible_runner
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from clients import INVENTORY, edge_of, inventory_host, inventory_value, report
+from clients import INVENTORY, edge_of, inventory_host, inventory_value, on_one_release, report, run_playbook
 from test_50_deploy import assert_gentle_reconnects
 from test_70_faults import account
 from test_88_redis_ha import REDIS_PORT, SENTINEL_PORT, cli, playbook_under_traffic
@@ -30,7 +41,6 @@ RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 APP_HOSTS = RUNNER.get_hosts("app")
 REDIS_HOSTS = RUNNER.get_hosts("redis")
 
-pytestmark = pytest.mark.skipif(len(APP_HOSTS) < 2, reason="SKIPPED: one app host (the cluster scenario checks it)")
 
 on = inventory_host
 
@@ -64,6 +74,7 @@ def rotated_under_traffic(edge, name, slug, values):
            f"{len(counts.http_failed)} failed; {len(counts.closes)} closes (1012), reconnects {reconnects}")
 
 
+@pytest.mark.skipif(len(APP_HOSTS) < 2, reason="SKIPPED: one app host (the cluster scenario checks it)")
 def test_rotated_secrets_are_accepted_beside_the_old_ones_then_alone():
     edge = edge_of(on(RUNNER.get_hosts("web")[0]))
     old_key = inventory_value(APP_HOSTS[0], "chat_secret_key")
@@ -93,3 +104,28 @@ def test_rotated_secrets_are_accepted_beside_the_old_ones_then_alone():
     still = {where: answer for where, answer in redis_logins(old_password).items()
              if answer == "PONG" or not answer.startswith("NOAUTH")}
     assert still == {}, f"the old password still logs in at {still}"
+
+
+def public_key(certificate_pem):
+    return x509.load_pem_x509_certificate(certificate_pem.encode()).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@on_one_release("CHAT_ROTATION_SUITE", "trixie", "the self-signed key rotation")
+def test_a_rotated_self_signed_key_is_served_and_the_old_one_no_more():
+    web = on(RUNNER.get_hosts("web")[0])
+    if inventory_value(web.backend.get_hostname(), "chat_tls_certificate_source") != "self_signed":
+        pytest.skip("SKIPPED: the certificate is not self-signed here")
+    old = edge_of(web)
+    old.wait_healthy(timeout=30, in_a_row=3)  # the control: the client that trusts the old one
+    result = run_playbook("playbooks/rotate.yml", "-e", "chat_rotate_tls_key=true")
+    assert result.returncode == 0, result.stdout[-3000:]
+    new = edge_of(web)
+    assert public_key(new.certificate_pem) != public_key(old.certificate_pem), "the certificate kept its key"
+    # Ten in a row: each Nginx worker serves the new one.
+    new.wait_healthy(timeout=30)
+    with pytest.raises(urllib.error.URLError) as refused:
+        old.get("/healthz")
+    assert isinstance(refused.value.reason, ssl.SSLCertVerificationError), refused.value
+    report(f"TLS key rotated (self-signed): rotate.yml {result.seconds:.0f} s; the new certificate served by "
+           f"every worker, the old one refused by its client ({refused.value.reason.verify_message})")

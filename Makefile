@@ -1,7 +1,7 @@
 # Entry points. Each target installs what it needs on a fresh Debian machine
 # (run as root): the toolchain in .venv, a container engine, the host image.
 
-.PHONY: demo demo-down test lint setup bench bench-down
+.PHONY: demo demo-down test lint setup bench bench-ops bench-down
 
 ## demo: deploy the chat to a local Debian systemd host, on https://localhost:8443/
 demo:
@@ -26,6 +26,10 @@ setup:
 ## bench: measure the deployed stack on a benchmark host (not part of test)
 bench:
 	scripts/bench.sh run
+
+## bench-ops: time the day-two runs (fresh converge, no-change rerun, --check) on a demo host and the cluster
+bench-ops:
+	scripts/bench.sh ops
 
 ## bench-down: remove the benchmark host
 bench-down:

@@ -27,6 +27,16 @@
 #                                    app/chat/metrics.py), in turn, twice each,
 #                                    into NAME/with-N/ and NAME/without-N/, and
 #                                    the ratios with/without in NAME/results.md
+#   scripts/bench.sh ops [NAME]      the day-two runs timed (README, "Speed"):
+#                                    a demo host (inventories/local, in a
+#                                    container of its own) converged fresh,
+#                                    rerun with nothing to change, and run with
+#                                    --check --diff; then the cluster scenario's
+#                                    eight hosts, converged, rerun over SSH and
+#                                    run with --check --diff; the times against
+#                                    issue 25's targets, the tasks and the
+#                                    slowest roles in NAME/results.md
+#                                    (CHAT_OPS_CLUSTER=0: the demo alone)
 #   scripts/bench.sh compare A B     ratios B/A between two result folders
 #   scripts/bench.sh down            remove the benchmark host
 # Environment: CHAT_BENCH_QUICK=1 shortens every scenario (a smoke run);
@@ -328,6 +338,54 @@ measure() {
   log "results: $RESULTS/results.md"
 }
 
+# One timed day-two run: KEY names its log (ops-KEY.log) and its row, WHAT
+# says it, the rest is the command, run from the repository.
+ops_run() {
+  local key="$1" what="$2" started; shift 2
+  log "$what: $*"
+  printf '%s\t%s\n' "$key" "$*" >>"$RESULTS/commands.txt"
+  started="$(date +%s.%N)"
+  (cd "$REPO_ROOT" && "$@") >"$RESULTS/ops-$key.log" 2>&1 \
+    || { tail -40 "$RESULTS/ops-$key.log" >&2; die "$what failed: $RESULTS/ops-$key.log"; }
+  printf '%s\t%s\t%s\n' "$key" "$what" "$(awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')" \
+    >>"$RESULTS/ops-times.tsv"
+}
+
+# The demo's inventory on a container of its own (the demo, if there is
+# one, is left alone): its own ports, secrets and fact cache, so that the
+# first run is a fresh converge.
+ops_demo() {
+  local host="${CHAT_OPS_NAME:-chat-ops}"
+  export CHAT_PUBLISHED_PORT="${CHAT_OPS_PORT:-8095}" CHAT_PUBLISHED_TLS_PORT="${CHAT_OPS_TLS_PORT:-8495}"
+  export CHAT_SECRETS_DIR="$REPO_ROOT/.secrets/ops" ANSIBLE_CACHE_PLUGIN_CONNECTION="$REPO_ROOT/.cache/facts-ops"
+  rm -rf "$ANSIBLE_CACHE_PLUGIN_CONNECTION"
+  ensure_host_image bookworm
+  "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" down "$host"
+  "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" up "$host" "$CHAT_PUBLISHED_PORT" "$CHAT_PUBLISHED_TLS_PORT"
+  # The container by name as an extra var, as site_run does.
+  local cmd=(ansible-playbook site.yml -i inventories/local -e "ansible_host=$host")
+  ops_run demo-fresh "demo: fresh converge (image built)" "${cmd[@]}"
+  ops_run demo-rerun "demo: rerun, nothing to change" "${cmd[@]}"
+  ops_run demo-check "demo: --check --diff" "${cmd[@]}" --check --diff
+  "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" down "$host"
+}
+
+# The cluster scenario's hosts (Molecule creates and converges them, under
+# names and ports of their own), then site.yml over SSH as an operator runs it.
+ops_cluster() {
+  export CHAT_HOST_SUITE=bookworm MOLECULE_EPHEMERAL_DIRECTORY=/tmp/chat-molecule/cluster-ops \
+    CHAT_CLUSTER_NAME="${CHAT_OPS_CLUSTER_NAME:-chat-ops-cluster}" \
+    CHAT_CLUSTER_HTTP_PORT="${CHAT_OPS_CLUSTER_PORT:-8096}" CHAT_CLUSTER_TLS_PORT="${CHAT_OPS_CLUSTER_TLS_PORT:-8496}"
+  log "the cluster's hosts: molecule create and converge (output in $RESULTS/ops-cluster-setup.log)"
+  (cd "$REPO_ROOT" && molecule destroy -s cluster && molecule create -s cluster && molecule converge -s cluster) \
+    >"$RESULTS/ops-cluster-setup.log" 2>&1 || { tail -40 "$RESULTS/ops-cluster-setup.log" >&2; die "the cluster's setup failed"; }
+  local cmd=(env ANSIBLE_CONFIG="$MOLECULE_EPHEMERAL_DIRECTORY/ansible.cfg" ANSIBLE_ROLES_PATH="$REPO_ROOT/roles"
+             ansible-playbook site.yml -i "$MOLECULE_EPHEMERAL_DIRECTORY/inventory")
+  ops_run cluster-rerun "cluster: rerun over SSH, nothing to change" "${cmd[@]}"
+  ops_run cluster-check "cluster: --check --diff over SSH" "${cmd[@]}" --check --diff
+  (cd "$REPO_ROOT" && molecule destroy -s cluster) >>"$RESULTS/ops-cluster-setup.log" 2>&1
+}
+
 start_results() {
   RESULTS="$REPO_ROOT/bench/results/$1"
   mkdir -p "$RESULTS"
@@ -419,6 +477,17 @@ case "${1:-run}" in
     rm -rf "$without"
     log "metrics cost: $base/results.md"
     ;;
+  ops)
+    shift || true
+    start_results "${1:-ops-$(date -u +%Y%m%dT%H%M)}"
+    : >"$RESULTS/commands.txt"
+    : >"$RESULTS/ops-times.tsv"
+    ensure_engine
+    ops_demo
+    [ "${CHAT_OPS_CLUSTER:-1}" = 0 ] || ops_cluster
+    "$BENCH_VENV/bin/python" "$REPO_ROOT/bench/ops.py" report "$RESULTS" >"$RESULTS/results.md"
+    cat "$RESULTS/results.md"
+    ;;
   compare)
     [ "$#" -eq 3 ] || die "usage: $0 compare RESULTS_A RESULTS_B"
     ensure_bench_venv
@@ -429,5 +498,5 @@ case "${1:-run}" in
     "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" down "$BENCH_HOST"
     rm -f "$REPO_ROOT/.cache/facts/"*"_chat-bench"
     ;;
-  *) die "usage: $0 [run [NAME]|measure NAME [SCENARIO...]|layouts [NAME]|metrics [NAME [REV]]|compare A B|down]" ;;
+  *) die "usage: $0 [run [NAME]|measure NAME [SCENARIO...]|layouts [NAME]|metrics [NAME [REV]]|ops [NAME]|compare A B|down]" ;;
 esac

@@ -43,8 +43,9 @@ def run(directory, key, what, seconds):
 def report(directory):
     directory = pathlib.Path(directory)
     lines = ["# Day-two runs, timed (scripts/bench.sh ops)", "",
-             "Wall time of each run on this machine; tasks summed over the hosts of the run (ok counts "
-             "the changed ones too); roles by the seconds the profile_roles callback gave them. "
+             "Wall time of each run on this machine; tasks summed over the hosts of the run's recap (the "
+             "controller's localhost is one; ok counts the changed ones too); roles by the seconds the "
+             "profile_roles callback gave them. "
              "The commands are in commands.txt, each run's whole output in ops-KEY.log.", "",
              "| run | seconds | target | hosts | tasks ok | changed | skipped | slowest roles (s) |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]

@@ -21,6 +21,8 @@ import uuid
 import docker
 import pytest
 import testinfra
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Opcode
@@ -306,6 +308,12 @@ def app_copy(tmp_path, name, change=None):
     if change:
         change(target)
     return target
+
+
+def public_key(certificate_der):
+    """The public key a certificate (DER) carries, as DER: what a key rotation changes."""
+    return x509.load_der_x509_certificate(certificate_der).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def wait(condition, timeout, what, interval=3, explain=None):

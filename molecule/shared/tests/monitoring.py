@@ -7,9 +7,7 @@ see that the fault they cause fires its alert.
 import json
 import re
 import shlex
-import time
 
-import pytest
 import testinfra.utils.ansible_runner
 
 from clients import INVENTORY, inventory_host, wait
@@ -59,17 +57,14 @@ def wait_firing(monitor, alertname, timeout, *context):
     """Seconds until ALERTNAME is active in Alertmanager. After TIMEOUT the check fails with what
     Prometheus holds of the alert (ALERTS) and of the CONTEXT expressions, so that a failure in
     CI names its cause (a rule that never held, or an alert Alertmanager never got)."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if firing(monitor, alertname):
-            return time.monotonic() - started
-        time.sleep(3)
-    rules = [{key: rule.get(key) for key in ("query", "state", "health", "lastError", "lastEvaluation")}
-             for group in api(monitor, f"{monitor.prometheus}/api/v1/rules?type=alert")["data"]["groups"]
-             for rule in group["rules"] if rule["name"] == alertname]
-    seen = {expr: [(row["metric"], row["value"][1]) for row in query(monitor, expr)]
-            for expr in (f'ALERTS{{alertname="{alertname}"}}', *context)}
-    pytest.fail(f"{alertname} in Alertmanager: not within {timeout} s; its rule {rules}; Prometheus has {seen}")
+    def explain():
+        rules = [{key: rule.get(key) for key in ("query", "state", "health", "lastError", "lastEvaluation")}
+                 for group in api(monitor, f"{monitor.prometheus}/api/v1/rules?type=alert")["data"]["groups"]
+                 for rule in group["rules"] if rule["name"] == alertname]
+        seen = {expr: [(row["metric"], row["value"][1]) for row in query(monitor, expr)]
+                for expr in (f'ALERTS{{alertname="{alertname}"}}', *context)}
+        return f"its rule {rules}; Prometheus has {seen}"
+    return wait(lambda: firing(monitor, alertname), timeout, f"{alertname} in Alertmanager", explain=explain)[0]
 
 
 def wait_scraped(monitor, expr, instances, timeout=60):

@@ -255,6 +255,13 @@ def _cgroup_file(group, v1_name, v2_name):
             f"|| cat '/sys/fs/cgroup{group}/{v2_name}'")
 
 
+def _memory_stat(host, group):
+    """The cgroup's memory.stat: {kind: bytes} (v1 names the page cache `cache`, v2 `file`)."""
+    return {name: int(value) for name, value in
+            (line.split() for line in host.check_output(_cgroup_file(group, "memory.stat", "memory.stat"))
+             .splitlines())}
+
+
 def test_app_units_have_memory_ceilings_sized_from_the_host(host, daphne_instances):
     total = int(host.check_output("awk '/^MemTotal:/ {print $2}' /proc/meminfo")) * 1024
     daphnes = [f"chat-daphne@{n}.service" for n in daphne_instances]
@@ -290,10 +297,9 @@ def daphne_ceiling(host):
         the cache away at once, and the process's next OVER bytes can only be had by a kill."""
         group = _unit_value(host, unit, "ControlGroup")
         used = int(host.check_output(_cgroup_file(group, "memory.usage_in_bytes", "memory.current")))
-        stat = dict(line.split() for line in host.check_output(_cgroup_file(group, "memory.stat", "memory.stat"))
-                    .splitlines())
-        # v1 calls it cache, v2 file; shared memory in it cannot be reclaimed without swap.
-        cache = int(stat.get("cache", stat.get("file", 0))) - int(stat.get("shmem", 0))
+        stat = _memory_stat(host, group)
+        # Shared memory in the cache cannot be reclaimed without swap.
+        cache = stat.get("cache", stat.get("file", 0)) - stat.get("shmem", 0)
         restarts = int(_unit_value(host, unit, "NRestarts"))
         # 128 KiB at first: a few more sockets take it past, however many
         # instances share the new ones (3 on the test hosts since the sizing).
@@ -312,8 +318,7 @@ def daphne_ceiling(host):
 def memory_state(host, unit):
     """What the unit's cgroup says of its memory: the kinds it holds and the ceiling's events."""
     group = _unit_value(host, unit, "ControlGroup")
-    stat = host.run(_cgroup_file(group, "memory.stat", "memory.stat")).stdout.split()
-    kinds = {name: value for name, value in zip(stat[::2], stat[1::2])
+    kinds = {name: value for name, value in _memory_stat(host, group).items()
              if name in ("anon", "file", "sock", "kernel", "rss", "cache")}
     limit = host.run(_cgroup_file(group, "memory.limit_in_bytes", "memory.max")).stdout.strip()
     events = host.run(_cgroup_file(group, "memory.failcnt", "memory.events")).stdout.split()

@@ -14,10 +14,7 @@ import threading
 import time
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
-from clients import _published_port, report, run_playbook
+from clients import _published_port, public_key, report, run_playbook
 
 NAME = "chat.acme.test"
 LIVE = f"/etc/letsencrypt/live/{NAME}"
@@ -144,12 +141,6 @@ class Polled:
             for thread in threads:
                 thread.join(timeout=30)
         return result
-
-
-def public_key(der):
-    """The public key a certificate (DER) carries, as DER."""
-    return x509.load_der_x509_certificate(der).public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def test_forced_renewal_is_served_without_a_failed_request(host, site):

@@ -29,10 +29,8 @@ import urllib.error
 
 import pytest
 import testinfra.utils.ansible_runner
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
-from clients import INVENTORY, edge_of, inventory_host, inventory_value, on_one_release, report, run_playbook
+from clients import (INVENTORY, edge_of, inventory_host, inventory_value, on_one_release, public_key, report,
+                     run_playbook)
 from test_50_deploy import assert_gentle_reconnects
 from test_70_faults import account
 from test_88_redis_ha import REDIS_PORT, SENTINEL_PORT, cli, playbook_under_traffic
@@ -106,11 +104,6 @@ def test_rotated_secrets_are_accepted_beside_the_old_ones_then_alone():
     assert still == {}, f"the old password still logs in at {still}"
 
 
-def public_key(certificate_pem):
-    return x509.load_pem_x509_certificate(certificate_pem.encode()).public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
 @on_one_release("CHAT_ROTATION_SUITE", "trixie", "the self-signed key rotation")
 def test_a_rotated_self_signed_key_is_served_and_the_old_one_no_more():
     web = on(RUNNER.get_hosts("web")[0])
@@ -121,7 +114,8 @@ def test_a_rotated_self_signed_key_is_served_and_the_old_one_no_more():
     result = run_playbook("playbooks/rotate.yml", "-e", "chat_rotate_tls_key=true")
     assert result.returncode == 0, result.stdout[-3000:]
     new = edge_of(web)
-    assert public_key(new.certificate_pem) != public_key(old.certificate_pem), "the certificate kept its key"
+    assert (public_key(ssl.PEM_cert_to_DER_cert(new.certificate_pem))
+            != public_key(ssl.PEM_cert_to_DER_cert(old.certificate_pem))), "the certificate kept its key"
     # Ten in a row: each Nginx worker serves the new one.
     new.wait_healthy(timeout=30)
     with pytest.raises(urllib.error.URLError) as refused:

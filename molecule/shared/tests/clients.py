@@ -292,6 +292,27 @@ def run_playbook(playbook, *args, timeout=900, env=None):
     return result
 
 
+def why_failed(result, tail=3000):
+    """An assertion's message for a failed ansible-playbook run: every failed task first, in the
+    order they failed, with its host and message, then the run's last lines. The first failure
+    is the cause; the CI digest shows only a message's first line, and a task that printed much
+    after it (a rescue's report) once pushed it out of the run's last 3,000 characters."""
+    failures, task = [], "?"
+    for line in result.stdout.splitlines():
+        if line.startswith("TASK ["):
+            task = line[len("TASK ["):line.rfind("]")]
+        match = re.match(r"(?:fatal|failed): \[([^\]]+)\].*?=> (\{.*)", line)
+        if match:
+            try:
+                document = json.loads(match.group(2))
+                message = str(document.get("msg") or document.get("stderr") or document.get("stdout") or "")
+            except ValueError:
+                message = match.group(2)
+            failures.append(f"[{match.group(1)}] {task}: {' '.join(message.split())[:500]}")
+    return (f"ansible-playbook exited {result.returncode}; failed: " + " | then ".join(failures or ["(no task)"])
+            + "\n--- the run's last lines:\n" + result.stdout[-tail:])
+
+
 def changed_per_host(output):
     """From an ansible-playbook run's recap: {host: number of changed tasks}."""
     return {host: int(changed) for host, changed in

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from clients import REPO, app_copy, on_one_release, playbook_command, playbook_env, report, run_playbook
+from clients import REPO, app_copy, on_one_release, playbook_command, playbook_env, report, run_playbook, why_failed
 from traffic import Traffic
 
 CLOSE_SERVICE_RESTART = 1012
@@ -100,7 +100,7 @@ def test_deploy_with_new_dependencies_under_load(host, edge, releases, tmp_path)
     room = f"deploy-{uuid.uuid4().hex[:8]}"
     with Traffic(edge, room, sockets=50, at_once=AT_ONCE, http_timeout=HTTP_PATIENCE) as counts:
         result = run_playbook("playbooks/deploy.yml", "-e", f"chat_app_source_dir={source}")
-    assert result.returncode == 0, result.stdout[-5000:]
+    assert result.returncode == 0, why_failed(result)
     releases["new_deps"] = live_release(edge)
     assert releases["new_deps"] != releases["converged"]
     assert venv_of(host, releases["new_deps"]) != venv_of(host, releases["converged"])
@@ -122,7 +122,7 @@ def test_code_only_deploy_reuses_the_virtualenv_and_reloads_gunicorn(host, edge,
     with Traffic(edge, room, sockets=50, at_once=AT_ONCE, http_timeout=HTTP_PATIENCE) as counts:
         # The same deploy, reached through site.yml's tag.
         result = run_playbook("site.yml", "--tags", "app", "-e", f"chat_app_source_dir={source}")
-    assert result.returncode == 0, result.stdout[-5000:]
+    assert result.returncode == 0, why_failed(result)
     releases["code_only"] = live_release(edge)
     assert releases["code_only"] != releases["new_deps"]
     assert venv_of(host, releases["code_only"]) == venv_of(host, releases["new_deps"])
@@ -151,7 +151,7 @@ def test_rollback_restores_the_release_live_before(host, edge, releases):
     with Traffic(edge, f"rollback-{uuid.uuid4().hex[:8]}", sockets=10, at_once=AT_ONCE,
                  http_timeout=HTTP_PATIENCE) as counts:
         result = run_playbook("playbooks/rollback.yml")
-    assert result.returncode == 0, result.stdout[-5000:]
+    assert result.returncode == 0, why_failed(result)
     assert live_release(edge) == releases["new_deps"]
     assert_no_failed_request(counts)
     assert_gentle_reconnects(counts)

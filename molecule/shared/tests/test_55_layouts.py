@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-from clients import app_copy, on_one_release, report, run_playbook
+from clients import app_copy, on_one_release, report, run_playbook, why_failed
 from test_50_deploy import (AT_ONCE, HTTP_PATIENCE, assert_gentle_reconnects, assert_no_failed_request,
                             live_release)
 from traffic import Traffic
@@ -82,7 +82,7 @@ def move(edge, host, layout, playbook="site.yml", *args):
     room = f"layout-{layout}-{uuid.uuid4().hex[:8]}"
     with Traffic(edge, room, sockets=20, at_once=AT_ONCE, http_timeout=HTTP_PATIENCE) as counts:
         result = run_playbook(playbook, "-e", f"chat_layout={layout}", *args)
-    assert result.returncode == 0, result.stdout[-5000:]
+    assert result.returncode == 0, why_failed(result)
     assert host.file(f"{ROOT}/layout").content_string.strip() == layout
     assert_no_failed_request(counts)
     # A socket whose server goes (or restarts onto a new release) reconnects

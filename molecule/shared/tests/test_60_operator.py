@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import yaml
 
-from clients import changed_per_host, playbook_env, run_playbook
+from clients import changed_per_host, playbook_env, run_playbook, why_failed
 
 SCENARIO = os.environ.get("MOLECULE_SCENARIO_DIRECTORY", "")
 VAULT = os.path.join(SCENARIO, "group_vars", "staging", "vault.yml")
@@ -54,7 +54,7 @@ def test_a_dry_run_over_ssh_changes_nothing_and_prints_no_secret(secrets):
     # that only "changes" in check mode), and the diff of a file holding
     # secrets must not print them.
     result = run_playbook("site.yml", "--check", "--diff", "-v")
-    assert result.returncode == 0, result.stdout[-5000:]
+    assert result.returncode == 0, why_failed(result)
     changed = [line for line in result.stdout.splitlines() if line.startswith("changed:")]
     recaps = changed_per_host(result.stdout)
     assert recaps and set(recaps.values()) == {0}, "\n".join(changed)

@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-from clients import post_probe, report, run_playbook, stored_messages
+from clients import post_probe, report, run_playbook, stored_messages, why_failed
 
 BACKUP_DIR = "/var/backups/chat"
 DATABASE = "/srv/chat/shared/data/db.sqlite3"
@@ -165,7 +165,7 @@ def test_restore_brings_back_every_message_of_the_copy_after_the_database_is_los
     with Poller(edge) as poller:
         result = run_playbook("playbooks/restore.yml")
         edge.wait_healthy(timeout=90)
-    assert result.returncode == 0, result.stdout[-5000:]
+    assert result.returncode == 0, why_failed(result)
     recovery = (poller.first_healthy or time.monotonic()) - started
     # Before restore.yml holds the site, the lost database answers errors;
     # from the first maintenance page on, only that page, then the site.

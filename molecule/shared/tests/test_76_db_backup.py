@@ -20,7 +20,7 @@ import uuid
 import pytest
 import testinfra.utils.ansible_runner
 
-from clients import INVENTORY, edge_of, inventory_host, report, run_playbook
+from clients import INVENTORY, edge_of, inventory_host, report, run_playbook, why_failed
 from patroni import leader
 from test_75_backup import Poller
 from traffic import Traffic
@@ -164,7 +164,7 @@ def restore(edge, *args):
                                          wait_open=False) as counts:
         result = run_playbook("playbooks/restore.yml", *args)
         edge.wait_healthy(timeout=120)
-    assert result.returncode == 0, result.stdout[-5000:]
+    assert result.returncode == 0, why_failed(result)
     answers = sorted(poller.answers)
     codes = [code for _, code, _ in answers]
     # From the first maintenance page on (before it, the site as it was).

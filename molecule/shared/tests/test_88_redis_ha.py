@@ -20,7 +20,8 @@ import docker
 import pytest
 import testinfra.utils.ansible_runner
 
-from clients import INVENTORY, changed_per_host, edge_of, inventory_host, report, run_playbook, tcp_open, wait
+from clients import (INVENTORY, changed_per_host, edge_of, inventory_host, report, run_playbook, tcp_open, wait,
+                     why_failed)
 from monitoring import MONITORING, monitoring_host, wait_firing, wait_scraped
 from patroni import members
 from test_70_faults import SENDERS, SOCKETS, account, new_room, recovery_after
@@ -97,7 +98,7 @@ def commits_wait_for(name):
 def move_primary(target):
     """The Redis primary moved to TARGET by playbooks/switchover.yml, outside a check's traffic."""
     moved = run_playbook("playbooks/switchover.yml", "-e", f"chat_switchover_redis={target}")
-    assert moved.returncode == 0, moved.stdout[-3000:]
+    assert moved.returncode == 0, why_failed(moved)
 
 
 def primary_off_the_database(secrets):
@@ -205,7 +206,7 @@ def playbook_under_traffic(edge, slug, playbook, *args):
     with traffic as counts:
         time.sleep(3)
         result = run_playbook(playbook, *args)
-        assert result.returncode == 0, result.stdout[-3000:]
+        assert result.returncode == 0, why_failed(result)
         recovery = recovery_after(traffic, edge, room, time.monotonic())
         time.sleep(3)
     return result, counts, recovery, room
@@ -302,7 +303,7 @@ def test_the_primary_host_killed_fails_over_and_comes_back_as_a_replica(secrets,
     # same rerun, after both failovers: one rerun (a minute) for the two.
     if len(RUNNER.get_hosts("db")) < 3:
         rerun = run_playbook("site.yml")
-        assert rerun.returncode == 0, rerun.stdout[-3000:]
+        assert rerun.returncode == 0, why_failed(rerun)
         assert set(changed_per_host(rerun.stdout).values()) == {0}, changed_per_host(rerun.stdout)
 
 

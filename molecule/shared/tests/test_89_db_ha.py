@@ -22,7 +22,8 @@ import docker
 import pytest
 import testinfra.utils.ansible_runner
 
-from clients import INVENTORY, changed_per_host, edge_of, inventory_host, report, run_playbook, tcp_reachable, wait
+from clients import (INVENTORY, changed_per_host, edge_of, inventory_host, report, run_playbook, tcp_reachable,
+                     wait, why_failed)
 from monitoring import MONITORING, monitoring_host, wait_firing, wait_scraped
 from patroni import leader, leader_timeline, members, psql
 from test_70_faults import account, new_room, recovery_after
@@ -180,7 +181,7 @@ def test_the_leader_host_killed_fails_over_and_comes_back_as_a_replica(edge, sec
             seconds = wait_firing(monitor, "ChatPostgresFailedOver", 180, "patroni_primary")
             report(f"Alerting: ChatPostgresFailedOver firing in Alertmanager {seconds:.0f} s after the check asked")
         rerun = running.result()
-    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    assert rerun.returncode == 0, why_failed(rerun)
     assert set(changed_per_host(rerun.stdout).values()) == {0}, changed_per_host(rerun.stdout)
 
 

@@ -20,7 +20,7 @@ import yaml
 from websockets.exceptions import InvalidStatus
 
 from clients import (INVENTORY, WebSocket, changed_per_host, edge_of, inventory_host, report, run_playbook,
-                     tcp_open)
+                     tcp_open, why_failed)
 from test_19_database import pg_query
 from test_70_faults import SENDERS, SOCKETS, _health_check_fails, account, new_room, recovery_after, room_traffic
 from traffic import Traffic
@@ -299,7 +299,7 @@ def test_a_run_limited_to_the_web_host_changes_nothing(lb):
     """
     before = lb.check_output("nginx -T 2>/dev/null; cat /etc/nftables.conf")
     result = run_playbook("site.yml", "--limit", WEB_HOSTS[0])
-    assert result.returncode == 0, result.stdout[-5000:]
+    assert result.returncode == 0, why_failed(result)
     recaps = changed_per_host(result.stdout)
     report(f"site.yml --limit {WEB_HOSTS[0]}: {result.seconds:.0f} s, changed per host {recaps}")
     assert recaps.get(WEB_HOSTS[0]) == 0, recaps
@@ -359,7 +359,7 @@ def test_a_third_app_host_joins_a_running_cluster_without_a_failed_request(lb, e
             result = run_playbook("site.yml", "-i", joined)
     finally:
         os.remove(joined)
-    assert result.returncode == 0, result.stdout[-5000:]
+    assert result.returncode == 0, why_failed(result)
     requests = counts.http_ok + len(counts.http_failed)
     report(f"app host {spare['instance']} joined in {result.seconds:.0f} s (site.yml) under load: "
            f"{requests} HTTP requests, {len(counts.http_failed)} failed; "
@@ -396,7 +396,7 @@ def test_an_app_host_taken_out_of_the_inventory_leaves_rotation_and_is_stopped_l
                       max_seconds=900)
     with traffic as counts:
         result = run_playbook("site.yml")
-        assert result.returncode == 0, result.stdout[-5000:]
+        assert result.returncode == 0, why_failed(result)
         http, ws = host_names(edge, 12)
         app3.check_output(f"systemctl stop {APP_UNITS}")
         stopped_at = time.monotonic()

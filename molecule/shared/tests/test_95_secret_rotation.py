@@ -30,7 +30,7 @@ import urllib.error
 import pytest
 import testinfra.utils.ansible_runner
 from clients import (INVENTORY, edge_of, inventory_host, inventory_value, on_one_release, public_key, report,
-                     run_playbook)
+                     run_playbook, why_failed)
 from test_50_deploy import assert_gentle_reconnects
 from test_70_faults import account
 from test_88_redis_ha import REDIS_PORT, SENTINEL_PORT, cli, playbook_under_traffic
@@ -112,7 +112,7 @@ def test_a_rotated_self_signed_key_is_served_and_the_old_one_no_more():
     old = edge_of(web)
     old.wait_healthy(timeout=30, in_a_row=3)  # the control: the client that trusts the old one
     result = run_playbook("playbooks/rotate.yml", "-e", "chat_rotate_tls_key=true")
-    assert result.returncode == 0, result.stdout[-3000:]
+    assert result.returncode == 0, why_failed(result)
     new = edge_of(web)
     assert (public_key(ssl.PEM_cert_to_DER_cert(new.certificate_pem))
             != public_key(ssl.PEM_cert_to_DER_cert(old.certificate_pem))), "the certificate kept its key"

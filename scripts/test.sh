@@ -74,14 +74,20 @@ plain() {
 }
 
 # The wall time of each phase of the Molecule runs in a log, from the time
-# stamps of Molecule's "➜ PHASE: Executing" and "➜ PHASE: Executed" lines.
+# stamps of Molecule's "➜ PHASE: Executing" and "➜ PHASE: Executed" lines,
+# or, where it logs without a terminal (CI=true), "[SCENARIO > PHASE]
+# Executing" and "... Executed".
 phases() {
   sed -e 's/\x1b\[[0-9;]*m//g' "$1" | awk '
     function secs(t,  p) { split(t, p, ":"); return p[1] * 3600 + p[2] * 60 + p[3] }
-    / ➜ [a-z_]+: Executing$/ { sub(":", "", $5); start[$5] = secs($1) }
-    / ➜ [a-z_]+: Executed/ { sub(":", "", $5); if ($5 in start) {
-        d = secs($1) - start[$5]; if (d < 0) d += 86400
-        if (d > 0) out = out sprintf("%s%s %d s", out ? ", " : "", $5, d); delete start[$5] } }
+    function begin(phase) { start[phase] = secs($1) }
+    function end(phase,  d) { if (phase in start) {
+        d = secs($1) - start[phase]; if (d < 0) d += 86400
+        if (d > 0) out = out sprintf("%s%s %d s", out ? ", " : "", phase, d); delete start[phase] } }
+    / ➜ [a-z_]+: Executing$/ { sub(":", "", $5); begin($5) }
+    / ➜ [a-z_]+: Executed/ { sub(":", "", $5); end($5) }
+    / \[[a-z_]+ > [a-z_]+\] Executing$/ { sub("]", "", $5); begin($5) }
+    / \[[a-z_]+ > [a-z_]+\] Executed/ { sub("]", "", $5); end($5) }
     END { print out }'
 }
 

@@ -1,5 +1,6 @@
 """Nginx hardening: headers, HEAD, validated config, per-client limits, its sandbox."""
 
+import concurrent.futures
 import json
 import re
 import time
@@ -81,21 +82,41 @@ def test_a_bad_config_is_refused_before_it_is_written(host):
 
 
 def test_a_flood_of_handshakes_from_one_address_is_limited(edge):
-    """Handshakes beyond the rate (10/s) and burst (40) get 429 from Nginx."""
-    statuses = []
+    """Handshakes beyond the rate (10/s) and burst (40) get 429 from Nginx.
+
+    80 at once, from 80 threads: one after the other, on a machine busy
+    enough that each took over 100 ms, they came slower than the rate and
+    all 80 were rightly let in (CI). The bucket lets 41 through at once and
+    one more each 100 ms, so however long the flood takes, no more than
+    that may be accepted; a flood too slow for that bound to be under 80
+    (no 429 would be a fault) is tried again.
+    """
     room = f"/ws/chat/flood-{uuid.uuid4().hex[:8]}/"
-    for _ in range(80):
+
+    def handshake(_):
         try:
-            with edge.websocket(room, timeout=10) as ws:
+            with edge.websocket(room, timeout=30) as ws:
                 assert edge.receive(ws)["type"] == "history"
-            statuses.append(101)
+            return 101
         except InvalidStatus as refused:
-            statuses.append(refused.response.status_code)
-    # Let the bucket refill, so later tests start with the full burst.
-    time.sleep(6)
-    print(f"80 handshakes in a row: {statuses.count(101)} accepted, {statuses.count(429)} got 429")
-    assert set(statuses) == {101, 429}, statuses
-    assert statuses.count(101) >= 40
+            return refused.response.status_code
+
+    for _ in range(3):
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=80) as pool:
+            statuses = list(pool.map(handshake, range(80)))
+        seconds = time.monotonic() - started
+        # Let the bucket refill, so the next attempt and later tests start with the full burst.
+        time.sleep(6)
+        accepted = statuses.count(101)
+        print(f"80 handshakes at once, in {seconds:.1f} s: {accepted} accepted, {statuses.count(429)} got 429")
+        assert set(statuses) <= {101, 429}, statuses
+        assert 40 <= accepted <= 41 + 10 * seconds, f"{accepted} accepted in {seconds:.1f} s"
+        if 41 + 10 * seconds < 80:
+            break
+    else:
+        pytest.fail(f"80 handshakes at once took {seconds:.1f} s three times: too slow to tell a limit")
+    assert 429 in statuses, statuses
     with edge.websocket(room) as ws:  # the bucket has refilled
         assert edge.receive(ws)["type"] == "history"
 

@@ -69,10 +69,10 @@ def tls_context(args):
 
 
 def ws_connect(args, path, **extra):
+    """A connect() to the site's PATH; EXTRA replaces any of the defaults (max_queue)."""
     host, port = args.connect.rsplit(":", 1)
     tls = {} if args.plain else {"ssl": args.tls, "server_hostname": args.server_name}
-    return connect(
-        f"{'ws' if args.plain else 'wss'}://{args.server_name}{path}",
+    options = dict(
         host=host,
         port=int(port),
         origin=args.origin,
@@ -84,8 +84,9 @@ def ws_connect(args, path, **extra):
         open_timeout=args.open_timeout,
         max_size=None,
         max_queue=None,
-        **extra,
     )
+    options.update(extra)
+    return connect(f"{'ws' if args.plain else 'wss'}://{args.server_name}{path}", **options)
 
 
 # Room fan-out --------------------------------------------------------------
@@ -500,17 +501,22 @@ def http(args):
     }
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_connection_arguments(parser):
+    """Where the load goes and how it is spoken (loadgen.py and soak.py)."""
     parser.add_argument("--connect", default="127.0.0.1:443", help="HOST:PORT to connect to")
     parser.add_argument("--server-name", default="localhost",
                         help="the site's name: SNI, Host header and certificate name")
     parser.add_argument("--cafile", default="", help="the site's certificate (PEM), trusted alone")
     parser.add_argument("--plain", action="store_true", help="clear text instead of TLS")
     parser.add_argument("--origin", default=ORIGIN)
-    parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--open-timeout", type=float, default=30)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_connection_arguments(parser)
+    parser.add_argument("--procs", type=int, default=4)
     sub = parser.add_subparsers(dest="scenario", required=True)
 
     f = sub.add_parser("fanout")

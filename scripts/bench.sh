@@ -37,6 +37,18 @@
 #                                    issue 25's targets, the tasks and the
 #                                    slowest roles in NAME/results.md
 #                                    (CHAT_OPS_CLUSTER=0: the demo alone)
+#   scripts/bench.sh soak NAME [DURATION [LAYOUT]]
+#                                    stability over time (issue 26): a fresh
+#                                    host in LAYOUT (split by default), then
+#                                    DURATION seconds (3600 by default; 300 for
+#                                    a smoke run) of bench/soak.py's mix: rooms
+#                                    of 2, 20 and 200 posting, sockets joining
+#                                    and leaving (closed, reset, silent, slow),
+#                                    pages and /healthz, and a deploy of a
+#                                    changed release half-way; memory and
+#                                    descriptors per unit sampled every 30 s;
+#                                    slopes, verdicts and plots in
+#                                    bench/results/NAME/ (results.md, soak.png)
 #   scripts/bench.sh compare A B     ratios B/A between two result folders
 #   scripts/bench.sh down            remove the benchmark host
 # Environment: CHAT_BENCH_QUICK=1 shortens every scenario (a smoke run);
@@ -338,6 +350,48 @@ measure() {
   log "results: $RESULTS/results.md"
 }
 
+# The soak (bench/soak.py) against a fresh host in layout $2 for $1 seconds,
+# the server side on its CPU set, a deploy of a changed release half-way.
+soak() {
+  local duration="$1" layout="$2" ip release
+  if ! [[ "$duration" =~ ^[0-9]+$ ]] || [ "$duration" -lt 300 ] || [ "$duration" -gt 14400 ]; then
+    die "DURATION: seconds, 300 to 14400 (four hours)"
+  fi
+  case "$layout" in split|daphne|uvicorn) ;; *) die "LAYOUT: split, daphne or uvicorn" ;; esac
+  deploy
+  [ "$layout" = split ] || move_to_layout "$layout"
+  restart_app_servers
+  docker update --cpuset-cpus "$SERVER_CPUS" "$BENCH_HOST" >/dev/null
+  in_host cat /etc/chat/tls/chat.crt >"$SITE_CERT"
+  describe_host "$RESULTS/host.txt"
+  ip="$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$BENCH_HOST")"
+  # The release deployed half-way: app/ with one file more, so a new
+  # release id; the same lock file.
+  release="$(mktemp -d)"
+  cp -a "$REPO_ROOT/app" "$release/app"
+  rm -rf "$release/app/.venv"* "$release/app/staticfiles"
+  echo "soak $(date -u +%s)" >"$release/app/SOAK_MARK"
+  local deploy_cmd
+  deploy_cmd="cd $(printf '%q' "$REPO_ROOT") && ansible-playbook playbooks/deploy.yml -i inventories/bench"
+  deploy_cmd+=" -e ansible_host=$BENCH_HOST -e chat_app_source_dir=$release/app -e chat_layout=$layout"
+  local cmd=(taskset -c "$CLIENT_CPUS" "$BENCH_VENV/bin/python" "$REPO_ROOT/bench/soak.py" run
+    --connect "$ip:443" --server-name localhost --cafile "$SITE_CERT" --origin "https://localhost:$BENCH_TLS_PORT"
+    --duration "$duration" --deploy-at "$((duration / 2))" --deploy-cmd "$deploy_cmd"
+    --deploy-log "$RESULTS/deploy-mid.log"
+    --sample-cmd "docker exec -i $BENCH_HOST sh < $REPO_ROOT/bench/soak-sample.sh")
+  { printf 'soak\t'; printf '%q ' "${cmd[@]}"; printf '\n'; } >>"$RESULTS/commands.txt"
+  log "soak: $((duration / 60)) minutes in the $layout layout (samples on stderr every 30 s)"
+  if ! timeout "$((duration + 900))" "${cmd[@]}" >"$RESULTS/soak.json.tmp"; then
+    rm -rf "$release"
+    die "the soak failed; its deploy's log: $RESULTS/deploy-mid.log"
+  fi
+  rm -rf "$release"
+  mv "$RESULTS/soak.json.tmp" "$RESULTS/soak.json"
+  xz -9 -k -f "$RESULTS/soak.json" && rm -f "$RESULTS/soak.json"
+  "$BENCH_VENV/bin/python" "$REPO_ROOT/bench/soak.py" report "$RESULTS" >/dev/null
+  log "soak: $RESULTS/results.md"
+}
+
 # One timed day-two run: KEY names its log (ops-KEY.log) and its row, WHAT
 # says it, the rest is the command, run from the repository.
 ops_run() {
@@ -488,6 +542,13 @@ case "${1:-run}" in
     "$BENCH_VENV/bin/python" "$REPO_ROOT/bench/ops.py" report "$RESULTS" >"$RESULTS/results.md"
     cat "$RESULTS/results.md"
     ;;
+  soak)
+    [ "$#" -ge 2 ] || die "usage: $0 soak NAME [DURATION [LAYOUT]]"
+    start_results "$2"
+    : >"$RESULTS/commands.txt"
+    ensure_host_image bookworm
+    soak "${3:-3600}" "${4:-split}"
+    ;;
   compare)
     [ "$#" -eq 3 ] || die "usage: $0 compare RESULTS_A RESULTS_B"
     ensure_bench_venv
@@ -498,5 +559,5 @@ case "${1:-run}" in
     "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" down "$BENCH_HOST"
     rm -f "$REPO_ROOT/.cache/facts/"*"_chat-bench"
     ;;
-  *) die "usage: $0 [run [NAME]|measure NAME [SCENARIO...]|layouts [NAME]|metrics [NAME [REV]]|ops [NAME]|compare A B|down]" ;;
+  *) die "usage: $0 [run [NAME]|measure NAME [SCENARIO...]|layouts [NAME]|metrics [NAME [REV]]|ops [NAME]|soak NAME [DURATION [LAYOUT]]|compare A B|down]" ;;
 esac

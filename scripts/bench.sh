@@ -270,27 +270,34 @@ memory_at_rest() {
     "${app% *}" "${app#* }" "$nginx" | samples add "$RESULTS" memory.json
 }
 
+# Before a measure: the server side on its CPU set, the site's certificate
+# fetched for the clients, the host described in host.txt. Sets BENCH_IP
+# (the container's address the load goes to) and SITE_ARGS (https to its
+# 443 with the site's name and origin, the certificate pinned).
+confine_and_aim() {
+  docker update --cpuset-cpus "$SERVER_CPUS" "$BENCH_HOST" >/dev/null
+  in_host cat /etc/chat/tls/chat.crt >"$SITE_CERT"
+  BENCH_IP="$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$BENCH_HOST")"
+  SITE_ARGS=(--connect "$BENCH_IP:443" --server-name localhost --cafile "$SITE_CERT"
+    --origin "https://localhost:$BENCH_TLS_PORT")
+  describe_host "$RESULTS/host.txt"
+}
+
 # Runs the scenarios named in "$@" (all of them when none is) against the
 # deployed host, the server side on its CPU set.
 measure() {
   local only=" $* "
   wanted() { [ "$only" = "  " ] || [[ "$only" == *" $1 "* ]]; }
-  docker update --cpuset-cpus "$SERVER_CPUS" "$BENCH_HOST" >/dev/null
-  in_host cat /etc/chat/tls/chat.crt >"$SITE_CERT"
+  confine_and_aim
 
-  local ip pid gunicorn
-  ip="$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$BENCH_HOST")"
+  local ip="$BENCH_IP" pid gunicorn
   pid="$(docker inspect -f '{{.State.Pid}}' "$BENCH_HOST")"
   # The host's root can reach the container's unix sockets through /proc.
   gunicorn="/proc/$pid/root/run/chat/gunicorn.sock"
-  describe_host "$RESULTS/host.txt"
 
   local quick="${CHAT_BENCH_QUICK:-0}" send=20 drain=20 hold=30 idle=20000 burst=10000
   HTTP_SECONDS=10
   if [ "$quick" = 1 ]; then send=5 drain=5 hold=5 idle=2000 burst=1000 HTTP_SECONDS=3; fi
-  # https to the container's 443 with the site's name and origin.
-  local lg=(--connect "$ip:443" --server-name localhost --cafile "$SITE_CERT"
-    --origin "https://localhost:$BENCH_TLS_PORT")
   # Gunicorn's own socket: what Nginx sends it, so Django sees https.
   local direct=(--connect "$ip:443" --server-name localhost --plain)
   local forwarded=(--unix "$gunicorn" --header "X-Forwarded-Proto: https")
@@ -309,7 +316,7 @@ measure() {
   local page
   for page in healthz:/healthz lobby:/ room:/chat/bench/; do
     local key="${page%%:*}" path="${page#*:}"
-    wanted "http-nginx-$key" && scenario "http-nginx-$key" "${lg[@]}" --procs 2 http \
+    wanted "http-nginx-$key" && scenario "http-nginx-$key" "${SITE_ARGS[@]}" --procs 2 http \
       --label "Nginx $key $path (https)" --path "$path" --duration "$HTTP_SECONDS"
   done
   for page in healthz:/healthz lobby:/ room:/chat/bench/; do
@@ -326,20 +333,20 @@ measure() {
 
   if wanted fanout-100; then
     wait_for_quiet
-    scenario fanout-100 "${lg[@]}" --procs 2 fanout --cpu-cmd "$cpu" --members 100 --senders 25 --rate 8 --duration "$send" --drain "$drain"
+    scenario fanout-100 "${SITE_ARGS[@]}" --procs 2 fanout --cpu-cmd "$cpu" --members 100 --senders 25 --rate 8 --duration "$send" --drain "$drain"
   fi
   if wanted fanout-1000; then
     wait_for_quiet
-    scenario fanout-1000 "${lg[@]}" --procs 4 fanout --cpu-cmd "$cpu" --members 1000 --senders 1 --rate 5 --duration "$send" --drain "$drain"
+    scenario fanout-1000 "${SITE_ARGS[@]}" --procs 4 fanout --cpu-cmd "$cpu" --members 1000 --senders 1 --rate 5 --duration "$send" --drain "$drain"
   fi
   # Every handshake at once: they queue in Nginx, in Daphne (which waits
   # daphne_websocket_connect_timeout, 120 s, for the app) and in the client's
   # own TLS work (one core, Python), so each may wait longer than 30 s.
-  wanted burst && scenario burst "${lg[@]}" --procs 4 --open-timeout 180 burst --count "$burst" --hold 5
+  wanted burst && scenario burst "${SITE_ARGS[@]}" --procs 4 --open-timeout 180 burst --count "$burst" --hold 5
   # Memory per connection: the resident memory of the app's server units
   # (Daphne's, or Gunicorn's uvicorn workers) and of Nginx (their cgroups'
   # processes) with every socket held, minus before.
-  wanted idle && scenario idle "${lg[@]}" --procs 4 --open-timeout 60 idle --count "$idle" --hold "$hold" \
+  wanted idle && scenario idle "${SITE_ARGS[@]}" --procs 4 --open-timeout 60 idle --count "$idle" --hold "$hold" \
     --rss-cmd "docker exec -i $BENCH_HOST sh < $REPO_ROOT/bench/server-rss.sh"
   in_host ss -s >"$RESULTS/ss-after.txt" 2>&1 || true
 
@@ -353,7 +360,7 @@ measure() {
 # The soak (bench/soak.py) against a fresh host in layout $2 for $1 seconds,
 # the server side on its CPU set, a deploy of a changed release half-way.
 soak() {
-  local duration="$1" layout="$2" ip release
+  local duration="$1" layout="$2" release
   if ! [[ "$duration" =~ ^[0-9]+$ ]] || [ "$duration" -lt 300 ] || [ "$duration" -gt 14400 ]; then
     die "DURATION: seconds, 300 to 14400 (four hours)"
   fi
@@ -361,10 +368,7 @@ soak() {
   deploy
   [ "$layout" = split ] || move_to_layout "$layout"
   restart_app_servers
-  docker update --cpuset-cpus "$SERVER_CPUS" "$BENCH_HOST" >/dev/null
-  in_host cat /etc/chat/tls/chat.crt >"$SITE_CERT"
-  describe_host "$RESULTS/host.txt"
-  ip="$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$BENCH_HOST")"
+  confine_and_aim
   # The release deployed half-way: app/ with one file more, so a new
   # release id; the same lock file.
   release="$(mktemp -d)"
@@ -374,8 +378,7 @@ soak() {
   local deploy_cmd
   deploy_cmd="cd $(printf '%q' "$REPO_ROOT") && ansible-playbook playbooks/deploy.yml -i inventories/bench"
   deploy_cmd+=" -e ansible_host=$BENCH_HOST -e chat_app_source_dir=$release/app -e chat_layout=$layout"
-  local cmd=(taskset -c "$CLIENT_CPUS" "$BENCH_VENV/bin/python" "$REPO_ROOT/bench/soak.py" run
-    --connect "$ip:443" --server-name localhost --cafile "$SITE_CERT" --origin "https://localhost:$BENCH_TLS_PORT"
+  local cmd=(taskset -c "$CLIENT_CPUS" "$BENCH_VENV/bin/python" "$REPO_ROOT/bench/soak.py" run "${SITE_ARGS[@]}"
     --duration "$duration" --deploy-at "$((duration / 2))" --deploy-cmd "$deploy_cmd"
     --deploy-log "$RESULTS/deploy-mid.log"
     --sample-cmd "docker exec -i $BENCH_HOST sh < $REPO_ROOT/bench/soak-sample.sh")

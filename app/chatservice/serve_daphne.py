@@ -28,6 +28,15 @@ under systemd socket activation needs, which Daphne itself does not do:
   cut without a close frame when it exits. Daphne cannot
   send 1012 through ASGI (autobahn's ``sendClose`` only allows 1000 and
   3000-4999), so the frame is sent on the protocol directly.
+- **WebSockets moved off Nginx's retired workers**: a reload of Nginx starts
+  new workers, and the old ones keep the WebSockets they proxy until
+  ``worker_shutdown_timeout`` (10 min here), then cut them all at once
+  without a close frame. On SIGUSR1 (``chat-daphne-rehome``, run by the
+  playbooks after each reload they make) every WebSocket open at that moment
+  gets 1012, each at a random moment within ``CHAT_REHOME_WINDOW`` seconds:
+  its page reconnects through the new workers, and the reconnects are spread
+  instead of arriving as one burst. Sockets opened after the signal already
+  go through the new workers and are left alone.
 - **Server close codes through ASGI**: the app closes a handshake it cannot
   serve now with 1013 (try again later); Daphne hands every close code to
   autobahn's ``sendClose``, which raises for it (a traceback and a dropped
@@ -47,6 +56,8 @@ under systemd socket activation needs, which Daphne itself does not do:
 """
 
 import os
+import random
+import signal
 import socket
 import stat
 import sys
@@ -73,6 +84,7 @@ CLOSE_SERVICE_RESTART = 1012
 SERVER_CLOSE_CODES = {1011: b"internal error", 1012: b"service restart", 1013: b"try again later"}
 DEFAULT_BACKLOG = 2048
 DEFAULT_CLOSE_GRACE = 2.0
+DEFAULT_REHOME_WINDOW = 30.0
 # How often the stop checks whether the clients have answered the close.
 CLOSE_POLL_SECONDS = 0.05
 
@@ -224,10 +236,48 @@ def close_websockets(server, grace, clock=reactor):
     return poller.start(CLOSE_POLL_SECONDS, now=False).addCallback(lambda _: len(sockets))
 
 
+def rehome_websockets(server, window, clock=reactor, rng=random):
+    """Tell every WebSocket open now 1012, each at a random moment within ``window`` s.
+
+    Returns how many were told. A socket that closes meanwhile is skipped;
+    asked again before the window is over, the sockets told already keep
+    their moment and only the new ones are added.
+    """
+    told = server.__dict__.setdefault("_chat_rehoming", set())
+    sockets = [protocol for protocol in _open_websockets(server) if id(protocol) not in told]
+
+    def tell(protocol):
+        told.discard(id(protocol))
+        if getattr(protocol, "state", None) == protocol.STATE_OPEN:
+            protocol.sendCloseFrame(code=CLOSE_SERVICE_RESTART, reasonUtf8=b"service restart")
+
+    for protocol in sockets:
+        told.add(id(protocol))
+        clock.callLater(rng.uniform(0, window), tell, protocol)
+    return len(sockets)
+
+
+def on_rehome_signal(server, window, reactor=reactor):
+    """The SIGUSR1 handler: the work is done in the reactor's loop, not in the handler."""
+
+    def rehome():
+        count = rehome_websockets(server, window)
+        print(f"chatservice.serve_daphne: SIGUSR1: {count} WebSockets told 1012 within {window:g} s "
+              "(to reconnect through Nginx's new workers)", file=sys.stderr, flush=True)
+
+    def handler(signum, frame):
+        reactor.callFromThread(rehome)
+
+    return handler
+
+
 def main():
+    # SIGUSR1 would end the process until the server installs its handler.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         backlog = env_int("CHAT_LISTEN_BACKLOG", DEFAULT_BACKLOG, minimum=1)
         grace = env_float("CHAT_CLOSE_GRACE", DEFAULT_CLOSE_GRACE, minimum=CLOSE_POLL_SECONDS)
+        rehome_window = env_float("CHAT_REHOME_WINDOW", DEFAULT_REHOME_WINDOW, minimum=0)
         metrics_address = metrics_listen()
     except ImproperlyConfigured as error:
         sys.exit(f"chatservice.serve_daphne: {error}")
@@ -247,6 +297,7 @@ def main():
         # Registered before Daphne's own trigger, which cancels the
         # applications: the sockets are told first.
         reactor.addSystemEventTrigger("before", "shutdown", close_websockets, server, grace)
+        signal.signal(signal.SIGUSR1, on_rehome_signal(server, rehome_window))
         # Daphne starts listening in run(), before the reactor runs: by the
         # time this fires, the application is imported and the socket served.
         reactor.callWhenRunning(notify_systemd, "READY=1")

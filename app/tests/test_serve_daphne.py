@@ -151,6 +151,52 @@ def test_open_websockets_are_closed_with_1012_on_sigterm(launched):
     assert launched["process"].wait(timeout=10) == 0
 
 
+REHOME_WINDOW = 2
+
+
+@pytest.mark.parametrize("launched", [{"CHAT_REHOME_WINDOW": str(REHOME_WINDOW)}], indirect=True)
+def test_sigusr1_tells_the_open_websockets_1012_within_the_window_and_keeps_serving(launched):
+    """After an Nginx reload (chat-daphne-rehome): the sockets open then are
+    told to reconnect, spread over the window; one opened after is kept."""
+    wait_ready(launched)
+
+    async def join(room):
+        ws = await ws_connect(f"ws://localhost/ws/chat/{room}/", origin="http://localhost",
+                              unix=True, path=str(launched["socket"]))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "history"
+        return ws
+
+    async def closed(ws):
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), REHOME_WINDOW + 5)
+        return ws.close_code, ws.close_reason, time.monotonic() - signalled
+
+    async def scenario():
+        nonlocal signalled
+        before = [await join(f"rehome-{n}") for n in range(8)]
+        launched["process"].send_signal(signal.SIGUSR1)
+        signalled = time.monotonic()
+        after = await join("rehome-after")
+        results = await asyncio.gather(*(closed(ws) for ws in before))
+        # Past the window, the socket opened after the signal is still served.
+        await asyncio.sleep(max(0, signalled + REHOME_WINDOW + 0.5 - time.monotonic()))
+        await after.send(json.dumps({"type": "message", "nickname": "alice", "body": "still here"}))
+        while json.loads(await asyncio.wait_for(after.recv(), 5)).get("type") != "message":
+            pass
+        await after.close()
+        return results
+
+    signalled = None
+    results = asyncio.run(scenario())
+    assert {(code, reason) for code, reason, _ in results} == {(1012, "service restart")}
+    moments = sorted(seconds for _, _, seconds in results)
+    assert moments[-1] < REHOME_WINDOW + 1, moments
+    # Spread, not one burst: 8 draws within 2 s all inside 0.1 s of each other is a 1e-9 chance.
+    assert moments[-1] - moments[0] > 0.1, moments
+    assert launched["process"].poll() is None, "SIGUSR1 ended the process"
+    assert "SIGUSR1: 8 WebSockets told 1012 within 2 s" in launched["log"].read_text()
+
+
 def test_a_stopping_process_leaves_new_connections_to_the_next_one(launched):
     """A client that reconnects at once, while the old process waits for the
     others to answer its 1012, is served by the next process, not accepted

@@ -73,6 +73,33 @@ def assert_gentle_reconnects(counts):
     return f"median {times[len(times) // 2]:.2f} s, slowest {slowest:.2f} s" if times else "none"
 
 
+def rehome_window(host):
+    """daphne_rehome_window, as the instances have it."""
+    env = host.check_output("systemctl show --property=Environment --value chat-daphne@1.service")
+    return float(dict(item.split("=", 1) for item in env.split())["CHAT_REHOME_WINDOW"])
+
+
+def wait_for_retired_nginx_workers(host, within):
+    """Seconds until no Nginx worker retired by a reload is left.
+
+    A retired worker exits once its last connection is gone; one that holds
+    WebSockets would otherwise stay until nginx_worker_shutdown_timeout (10
+    min) and then cut them without a close frame.
+    """
+    started = time.monotonic()
+    while True:
+        # ps, not pgrep -f: the shell running pgrep would match its own pattern.
+        processes = host.check_output("ps -C nginx -o args=").splitlines()
+        left = sum("shutting down" in args for args in processes)
+        waited = time.monotonic() - started
+        if left == 0:
+            return waited
+        assert waited < within, (
+            f"{left} Nginx worker(s) retired by the deploy's reloads still hold connections {waited:.0f} s "
+            "after it: their WebSockets would be cut without a close frame at worker_shutdown_timeout")
+        time.sleep(1)
+
+
 def _changed_lock(app):
     """The same dependencies under another lock-file hash (a new virtualenv)."""
     with open(app / "requirements.lock", "a") as lock:
@@ -100,7 +127,10 @@ def test_deploy_with_new_dependencies_under_load(host, edge, releases, tmp_path)
     room = f"deploy-{uuid.uuid4().hex[:8]}"
     with Traffic(edge, room, sockets=50, at_once=AT_ONCE, http_timeout=HTTP_PATIENCE) as counts:
         result = run_playbook("playbooks/deploy.yml", "-e", f"chat_app_source_dir={source}")
-    assert result.returncode == 0, why_failed(result)
+        assert result.returncode == 0, why_failed(result)
+        # The rolling restart reloaded Nginx; the sockets it holds move to
+        # the new workers, told 1012 (counted below) within the window.
+        retired_after = wait_for_retired_nginx_workers(host, rehome_window(host) + 30)
     releases["new_deps"] = live_release(edge)
     assert releases["new_deps"] != releases["converged"]
     assert venv_of(host, releases["new_deps"]) != venv_of(host, releases["converged"])
@@ -111,7 +141,7 @@ def test_deploy_with_new_dependencies_under_load(host, edge, releases, tmp_path)
     assert len(counts.reconnects) >= 50
     report(f"deploy with a dependency change: {result.seconds:.0f} s, {counts.http_ok} requests, "
            f"{len(counts.http_failed)} failed, {len(counts.reconnects)} reconnects "
-           f"(code 1012), {reconnect_times}")
+           f"(code 1012), {reconnect_times}; the last retired Nginx worker exited {retired_after:.0f} s after")
 
 
 def test_code_only_deploy_reuses_the_virtualenv_and_reloads_gunicorn(host, edge, releases, tmp_path):

@@ -21,17 +21,21 @@ given the new one, so there is no traffic to count; test_80_acme rotates a
 CA-issued key under load.
 """
 
+import concurrent.futures
 import json
 import secrets
 import shlex
 import ssl
+import time
 import urllib.error
+import uuid
 
 import pytest
 import testinfra.utils.ansible_runner
+from websockets.exceptions import ConnectionClosed
 from clients import (INVENTORY, edge_of, inventory_host, inventory_value, on_one_release, public_key, report,
                      run_playbook, why_failed)
-from test_50_deploy import assert_gentle_reconnects
+from test_50_deploy import assert_gentle_reconnects, rehome_window, wait_for_retired_nginx_workers
 from test_70_faults import account
 from test_88_redis_ha import REDIS_PORT, SENTINEL_PORT, cli, playbook_under_traffic
 
@@ -111,8 +115,31 @@ def test_a_rotated_self_signed_key_is_served_and_the_old_one_no_more():
         pytest.skip("SKIPPED: the certificate is not self-signed here")
     old = edge_of(web)
     old.wait_healthy(timeout=30, in_a_row=3)  # the control: the client that trusts the old one
-    result = run_playbook("playbooks/rotate.yml", "-e", "chat_rotate_tls_key=true")
-    assert result.returncode == 0, why_failed(result)
+    window = rehome_window(web)
+    # A page open through the reload: the retired worker holds its
+    # WebSocket, which must be told 1012 within the window, not cut at
+    # nginx_worker_shutdown_timeout (10 min). Read throughout, so that
+    # Daphne's pings are answered while the playbook runs.
+    with old.websocket(f"/ws/chat/tls-{uuid.uuid4().hex[:8]}/") as ws, \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
+        old.receive(ws)  # the join history
+        rotation = pool.submit(run_playbook, "playbooks/rotate.yml", "-e", "chat_rotate_tls_key=true")
+        finished = None
+        with pytest.raises(ConnectionClosed) as closed:
+            while finished is None or time.monotonic() - finished < window + 15:
+                if finished is None and rotation.done():
+                    finished = time.monotonic()
+                try:
+                    ws.recv(timeout=1)
+                except TimeoutError:
+                    pass
+        result = rotation.result()
+        assert result.returncode == 0, why_failed(result)
+        told_after = time.monotonic() - finished if finished else None
+    assert finished is not None, f"the WebSocket open through the reload was cut during the playbook: {closed.value!r}"
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012, (
+        f"the WebSocket open through the reload ended without a 1012 close frame: {closed.value!r}")
+    retired_after = wait_for_retired_nginx_workers(web, window + 30)
     new = edge_of(web)
     assert (public_key(ssl.PEM_cert_to_DER_cert(new.certificate_pem))
             != public_key(ssl.PEM_cert_to_DER_cert(old.certificate_pem))), "the certificate kept its key"
@@ -122,4 +149,6 @@ def test_a_rotated_self_signed_key_is_served_and_the_old_one_no_more():
         old.get("/healthz")
     assert isinstance(refused.value.reason, ssl.SSLCertVerificationError), refused.value
     report(f"TLS key rotated (self-signed): rotate.yml {result.seconds:.0f} s; the new certificate served by "
-           f"every worker, the old one refused by its client ({refused.value.reason.verify_message})")
+           f"every worker, the old one refused by its client ({refused.value.reason.verify_message}); "
+           f"the WebSocket open through the reload told 1012 {told_after:.1f} s after the playbook, "
+           f"the retired Nginx workers gone {retired_after:.0f} s after that")

@@ -193,11 +193,17 @@ def listen_for_metrics(address, port, registry=REGISTRY, reactor=reactor):
     return reactor.listenTCP(port, _QuietSite(root), interface=address)
 
 
+def _is_open(protocol):
+    return getattr(protocol, "state", None) == getattr(protocol, "STATE_OPEN", object())
+
+
 def _open_websockets(server):
-    return [
-        protocol for protocol in list(server.connections)
-        if getattr(protocol, "state", None) == getattr(protocol, "STATE_OPEN", object())
-    ]
+    return [protocol for protocol in list(server.connections) if _is_open(protocol)]
+
+
+def _tell_restart(protocol):
+    """A 1012 close frame: the page reconnects and catches up."""
+    protocol.sendCloseFrame(code=CLOSE_SERVICE_RESTART, reasonUtf8=SERVER_CLOSE_CODES[CLOSE_SERVICE_RESTART])
 
 
 def stop_accepting(reactor=reactor):
@@ -222,7 +228,7 @@ def close_websockets(server, grace, clock=reactor):
     stop_accepting()
     sockets = _open_websockets(server)
     for protocol in sockets:
-        protocol.sendCloseFrame(code=CLOSE_SERVICE_RESTART, reasonUtf8=b"service restart")
+        _tell_restart(protocol)
     if not sockets:
         return defer.succeed(0)
     deadline = time.monotonic() + grace
@@ -248,8 +254,8 @@ def rehome_websockets(server, window, clock=reactor, rng=random):
 
     def tell(protocol):
         told.discard(id(protocol))
-        if getattr(protocol, "state", None) == protocol.STATE_OPEN:
-            protocol.sendCloseFrame(code=CLOSE_SERVICE_RESTART, reasonUtf8=b"service restart")
+        if _is_open(protocol):
+            _tell_restart(protocol)
 
     for protocol in sockets:
         told.add(id(protocol))

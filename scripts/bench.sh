@@ -49,6 +49,17 @@
 #                                    descriptors per unit sampled every 30 s;
 #                                    slopes, verdicts and plots in
 #                                    bench/results/NAME/ (results.md, soak.png)
+#   scripts/bench.sh profile NAME [BEFORE]
+#                                    where the first Daphne instance (or
+#                                    uvicorn worker) of the host deployed by
+#                                    run spends its time in the room of 100
+#                                    (issue 26): fanout-100 measured as by
+#                                    measure, with py-spy sampling that
+#                                    process's Python for 12 s of the send,
+#                                    and each CPU's busy share meanwhile;
+#                                    NAME/profile.md (tables, with BEFORE's
+#                                    NAME/daphne.pyspy beside when given) and
+#                                    the raw samples in NAME/daphne.pyspy
 #   scripts/bench.sh compare A B     ratios B/A between two result folders
 #   scripts/bench.sh down            remove the benchmark host
 # Environment: CHAT_BENCH_QUICK=1 shortens every scenario (a smoke run);
@@ -357,6 +368,46 @@ measure() {
   log "results: $RESULTS/results.md"
 }
 
+# Each CPU's busy share over $1 seconds, from /proc/stat: whether the
+# server's CPU was saturated while it was profiled.
+cpu_busy() {
+  local before after
+  before="$(grep -E '^cpu[0-9]' /proc/stat)"
+  sleep "$1"
+  after="$(grep -E '^cpu[0-9]' /proc/stat)"
+  paste <(echo "$before") <(echo "$after") | awk '{
+    total = 0; for (i = 2; i <= 9; i++) total -= $i; for (i = 13; i <= 20; i++) total += $i
+    idle = ($16 + $17) - ($5 + $6)
+    printf "%s busy %.0f %%\n", $1, 100 * (total - idle) / total }'
+}
+
+# fanout-100 as measure runs it, with py-spy on the first app server process
+# during the send (after 8 s of it, for 12 s), into $RESULTS.
+profile_fanout() {
+  local before="$1" pid
+  pid="$(docker top "$BENCH_HOST" -eo pid,args | awk '/serve_daphne/ {print $1; exit}')"
+  # The uvicorn layout: the newest Gunicorn process is a worker.
+  [ -n "$pid" ] || pid="$(docker top "$BENCH_HOST" -eo pid,args | awk '/gunicorn/ {p = $1} END {print p}')"
+  [ -n "$pid" ] || die "no Daphne or Gunicorn process on $BENCH_HOST"
+  measure fanout-100 &
+  local measuring=$!
+  sleep 8
+  cpu_busy 12 >"$RESULTS/cpu-busy.txt" &
+  local busy=$!
+  "$BENCH_VENV/bin/py-spy" record --pid "$pid" --duration 12 --rate 200 --gil --nonblocking \
+    --format raw --output "$RESULTS/daphne.pyspy" >"$RESULTS/py-spy.log" 2>&1 \
+    || { cat "$RESULTS/py-spy.log" >&2; die "py-spy could not sample process $pid"; }
+  wait "$busy"
+  wait "$measuring" || die "the fan-out measure failed"
+  {
+    printf '# Where the time goes: fanout-100, process %s\n\n' "$(docker top "$BENCH_HOST" -eo pid,args | awk -v p="$pid" '$1 == p {$1 = ""; print}')"
+    printf 'Each CPU during the samples (the server side on %s):\n\n%s\n\n' "$SERVER_CPUS" \
+      "$(sed 's/^/    /' "$RESULTS/cpu-busy.txt")"
+    "$BENCH_VENV/bin/python" "$REPO_ROOT/bench/profile.py" "$RESULTS/daphne.pyspy" ${before:+"$before/daphne.pyspy"}
+  } >"$RESULTS/profile.md"
+  log "profile: $RESULTS/profile.md"
+}
+
 # The soak (bench/soak.py) against a fresh host in layout $2 for $1 seconds,
 # the server side on its CPU set, a deploy of a changed release half-way.
 soak() {
@@ -552,6 +603,13 @@ case "${1:-run}" in
     ensure_host_image bookworm
     soak "${3:-3600}" "${4:-split}"
     ;;
+  profile)
+    [ "$#" -ge 2 ] || die "usage: $0 profile NAME [BEFORE]"
+    start_results "$2"
+    docker container inspect "$BENCH_HOST" >/dev/null 2>&1 || die "no $BENCH_HOST: run '$0 run' first"
+    printf 'profile\t%s\n' "scripts/bench.sh profile $(basename "$RESULTS") ${3:-}" >>"$RESULTS/commands.txt"
+    profile_fanout "${3:-}"
+    ;;
   compare)
     [ "$#" -eq 3 ] || die "usage: $0 compare RESULTS_A RESULTS_B"
     ensure_bench_venv
@@ -562,5 +620,5 @@ case "${1:-run}" in
     "$VENV/bin/python" "$REPO_ROOT/scripts/host.py" down "$BENCH_HOST"
     rm -f "$REPO_ROOT/.cache/facts/"*"_chat-bench"
     ;;
-  *) die "usage: $0 [run [NAME]|measure NAME [SCENARIO...]|layouts [NAME]|metrics [NAME [REV]]|ops [NAME]|soak NAME [DURATION [LAYOUT]]|compare A B|down]" ;;
+  *) die "usage: $0 [run [NAME]|measure NAME [SCENARIO...]|layouts [NAME]|metrics [NAME [REV]]|ops [NAME]|soak NAME [DURATION [LAYOUT]]|profile NAME [BEFORE]|compare A B|down]" ;;
 esac

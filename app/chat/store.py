@@ -3,7 +3,6 @@
 import copy
 
 from django.conf import settings
-from django.db.models import F
 from django.utils import timezone
 
 from . import failover
@@ -55,11 +54,16 @@ def _post_messages(posts, attempt):
         by_room.setdefault(room_name, []).append((index, nickname, body, client_id))
     stored = [None] * len(posts)
     now = timezone.now()
-    for room_name in by_room:
-        Room.objects.get_or_create(name=room_name)
     with attempt.atomic():
         for room_name, entries in by_room.items():
-            room = Room.objects.select_for_update().get(name=room_name)
+            try:
+                room = Room.objects.select_for_update().get(name=room_name)
+            except Room.DoesNotExist:
+                # The room's first post: a room exists once posted to.
+                # get_or_create survives another process creating it at the
+                # same moment (a savepoint, then a read).
+                Room.objects.get_or_create(name=room_name)
+                room = Room.objects.select_for_update().get(name=room_name)
             ids = {client_id for *_, client_id in entries if client_id is not None}
             known = {m.client_id: m for m in Message.objects.filter(room=room, client_id__in=ids)} if ids else {}
             fresh, repeats, claimed = [], [], set()
@@ -72,9 +76,12 @@ def _post_messages(posts, attempt):
                     if client_id is not None:
                         claimed.add(client_id)
             if fresh:
-                Room.objects.filter(pk=room.pk).update(last_seq=F("last_seq") + len(fresh), last_activity=now)
-                room.refresh_from_db(fields=["last_seq", "last_activity"])
-                first = room.last_seq - len(fresh) + 1
+                # The row is locked, so the seq read above is the latest and
+                # no other poster can move it before this commits.
+                first = room.last_seq + 1
+                room.last_seq += len(fresh)
+                room.last_activity = now
+                Room.objects.filter(pk=room.pk).update(last_seq=room.last_seq, last_activity=now)
                 messages = Message.objects.bulk_create(
                     Message(room=room, seq=first + offset, nickname=nickname, body=body, client_id=client_id)
                     for offset, (_, nickname, body, client_id) in enumerate(fresh)

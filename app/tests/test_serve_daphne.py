@@ -307,3 +307,59 @@ def test_a_bad_metrics_address_stops_the_start_with_one_line(launched):
     assert ("chatservice.serve_daphne: CHAT_METRICS_LISTEN='localhost:9201' is not ADDRESS:PORT "
             "with an IP address") in log
     assert "Traceback" not in log
+
+
+FRAME_CHECK = r"""
+import json, sys
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet.testing import StringTransport
+from chatservice.serve_daphne import _frames_as_autobahn_would, text_frame
+
+def opened(**options):
+    factory = WebSocketServerFactory()
+    factory.protocol = WebSocketServerProtocol
+    factory.setProtocolOptions(**options)
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(StringTransport())
+    protocol.state = protocol.STATE_OPEN
+    protocol.transport.clear()
+    return protocol
+
+result = {"differ": [], "direct": {}}
+for length in (0, 1, 125, 126, 127, 1000, 65535, 65536, 70000):
+    for char in ("x", "\u00e9"):
+        payload = (char * length).encode("utf8")[:length]
+        protocol = opened()
+        protocol.sendMessage(payload)
+        if protocol.transport.value() != text_frame(payload):
+            result["differ"].append([length, char])
+plain = opened()
+result["direct"]["plain"] = _frames_as_autobahn_would(plain)
+result["direct"]["fragmenting"] = _frames_as_autobahn_would(opened(autoFragmentSize=100))
+logging = opened()
+logging.logFrames = True
+result["direct"]["logging frames"] = _frames_as_autobahn_would(logging)
+compressing = opened()
+compressing._perMessageCompress = object()
+result["direct"]["compressing"] = _frames_as_autobahn_would(compressing)
+closing = opened()
+closing.state = closing.STATE_CLOSING
+result["direct"]["closing"] = _frames_as_autobahn_would(closing)
+queued = opened()
+queued.send_queue.append((b"x", True))
+result["direct"]["chopped writes queued"] = _frames_as_autobahn_would(queued)
+json.dump(result, sys.stdout)
+"""
+
+
+def test_text_frames_written_directly_are_the_bytes_autobahn_writes():
+    # In a process of its own: importing serve_daphne installs Twisted's asyncio reactor.
+    out = subprocess.run([sys.executable, "-c", FRAME_CHECK], cwd=APP_DIR, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "SECRET_KEY": "frame-check"})
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    # Every length class: 7 bits, 16 bits (126), 64 bits (127), and multi-byte characters.
+    assert result["differ"] == []
+    assert result["direct"] == {"plain": True, "fragmenting": False, "logging frames": False,
+                                "compressing": False, "closing": False, "chopped writes queued": False}
+

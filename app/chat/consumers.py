@@ -40,7 +40,7 @@ class LoopConsumer(AsyncWebsocketConsumer):
     only that thread could have opened. Nothing here opens one there: the
     database is read and written on chat/dbcalls.py's own threads, which close
     their old connections themselves. Under a room of 100 posting 200
-    messages/s the hop took a sixth of a Daphne instance's time (py-spy, in
+    messages/s the hop took 8-16 % of a Daphne instance's Python time (py-spy,
     docs/benchmark.md)."""
 
     async def dispatch(self, message):

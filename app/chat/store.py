@@ -23,9 +23,8 @@ def post_messages(posts):
     one batch), in which case the stored message is returned and nothing new
     is written.
 
-    One transaction, one connection and one seq increment per room instead of
-    one of each per message: under ASGI every database call also opens a new
-    connection, so a busy room's posts queue behind each other otherwise.
+    One transaction and one seq increment per room instead of one of each
+    per message, so a busy room's posts do not queue behind each other.
 
     The room's row is locked before anything is read (SELECT ... FOR UPDATE
     on PostgreSQL; SQLite's transactions start IMMEDIATE here, which takes

@@ -5,10 +5,11 @@
 RAW is `py-spy record --gil --format raw` output (one line per distinct
 stack, frames joined by ";", then the sample count). With --gil only the
 thread holding the interpreter is sampled, so samples are the process's
-Python time (its own threads included), not its waits. Printed: the share of
-the wall time the process ran Python, the work it went to (grouped by the
-frames below), and the functions with the most samples of their own and in
-all. With RAW_BEFORE, each group's samples before and after side by side.
+Python time (its own threads included), not its waits. Printed: how many
+samples there are (over 12 s at 200 Hz, 2,400 would be all of the time), the
+work they went to (grouped by the frames below), and the functions with the
+most samples of their own and in all. With RAW_BEFORE, each group's samples
+before and after side by side.
 """
 
 import collections

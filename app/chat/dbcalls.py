@@ -71,7 +71,7 @@ def _timed(call, histogram):
 
 
 def writes(func):
-    """Runs func on the writer thread (closing old connections like database_sync_to_async)."""
+    """Runs func on the writer thread (closing old connections like database_sync_to_async, SQLite's kept)."""
     return _timed(DatabaseSyncToAsync(_keeping_sqlite_connection(func), thread_sensitive=False, executor=WRITER),
                   metrics.DB_WRITE_SECONDS)
 

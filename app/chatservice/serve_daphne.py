@@ -181,9 +181,13 @@ def text_frame(payload):
     return struct.pack("!BBQ", 0x81, 127, length) + payload
 
 
+def _is_open(protocol):
+    return getattr(protocol, "state", None) == getattr(protocol, "STATE_OPEN", object())
+
+
 def _frames_as_autobahn_would(protocol):
     """Whether autobahn would send a text message to protocol as one plain frame, now."""
-    return (protocol.state == protocol.STATE_OPEN and protocol._perMessageCompress is None
+    return (_is_open(protocol) and protocol._perMessageCompress is None
             and not protocol.autoFragmentSize and not protocol.maskServerFrames and not protocol.logFrames
             and not protocol.trackedTimings and not protocol.send_queue)
 
@@ -235,10 +239,6 @@ def listen_for_metrics(address, port, registry=REGISTRY, reactor=reactor):
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry))
     return reactor.listenTCP(port, _QuietSite(root), interface=address)
-
-
-def _is_open(protocol):
-    return getattr(protocol, "state", None) == getattr(protocol, "STATE_OPEN", object())
 
 
 def _open_websockets(server):

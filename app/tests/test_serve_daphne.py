@@ -362,4 +362,3 @@ def test_text_frames_written_directly_are_the_bytes_autobahn_writes():
     assert result["differ"] == []
     assert result["direct"] == {"plain": True, "fragmenting": False, "logging frames": False,
                                 "compressing": False, "closing": False, "chopped writes queued": False}
-

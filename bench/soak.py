@@ -302,7 +302,10 @@ def reset(ws):
 
 
 async def host_sample(command):
-    """Per unit: resident KiB, open descriptors and processes; Redis's clients (soak-sample.sh)."""
+    """Per unit: resident, proportional and private KiB, open descriptors and processes; Redis's clients.
+
+    (soak-sample.sh; results from before it reported PSS and private memory have 4 fields a unit.)
+    """
     process = await asyncio.create_subprocess_shell(command, stdout=asyncio.subprocess.PIPE,
                                                     stderr=asyncio.subprocess.DEVNULL)
     try:
@@ -313,8 +316,8 @@ async def host_sample(command):
     units, extra = {}, {}
     for line in output.decode().splitlines():
         fields = line.split()
-        if len(fields) == 4 and all(f.isdigit() for f in fields[1:]):
-            units[fields[0]] = {"rss_kib": int(fields[1]), "fds": int(fields[2]), "procs": int(fields[3])}
+        if len(fields) in (4, 6) and all(f.isdigit() for f in fields[1:]):
+            units[fields[0]] = dict(zip(("rss_kib", "fds", "procs", "pss_kib", "private_kib"), map(int, fields[1:])))
         elif len(fields) == 2 and fields[1].isdigit():
             extra[fields[0].replace("-", "_")] = int(fields[1])
     return {"units": units, **extra}

@@ -1,12 +1,21 @@
 """The soak's report (soak.py report RESULTS): RESULTS/soak.json.xz -> results.md and soak.png.
 
-Per unit, the slope of its resident memory after warm-up (KiB and per cent
-per hour, before and after the deploy, each on its own processes), and its
+Per unit, the slope of its memory after warm-up (KiB and per cent per hour,
+before and after the deploy, each on its own processes), and its
 descriptors before churn, at the peak and two minutes after churn stopped;
 the errors outside the deploy and in it; the fan-out's p99 at the start and
 at the end. Verdicts against the bounds of issue 26: memory growth after
 warm-up under 5 % an hour, descriptors back to their baseline after churn,
 0 errors outside the deploy, p99 at the end within 1.5 times the start.
+
+Memory is judged on the second half of each segment, and on private memory
+where the samples have it. A leak grows with the churn, which is steady, so
+its slope is the same in any part of the segment; memory that fills up to a
+size (caches, the allocator's pools reaching the peak of open sockets) has a
+slope that falls to zero, however long it took. Resident memory counts every
+shared page once in each process that touched it: Nginx's workers each count
+the shared zones (its TLS session cache is 10 MiB) as they fill, which is
+bounded by configuration, not a leak. Both are shown in the table.
 """
 
 import json
@@ -16,6 +25,7 @@ import statistics
 
 MAX_GROWTH_PCT_PER_H = 5.0
 MAX_P99_RATIO = 1.5
+JUDGED_NAMES = {"private_kib": "private memory", "rss_kib": "resident memory"}
 # Descriptors "back to their baseline": within 5 % and 5 of them (a log
 # file reopened, a connection in a pool).
 FD_SLACK = (1.05, 5)
@@ -42,6 +52,17 @@ def slope_per_hour(points):
     return sum((t - mean_t) * (v - mean_v) for t, v in points) / var * 3600, mean_v
 
 
+def memory_slopes(points_rss, points_judged):
+    """One segment's figures: its resident memory's slope, and the judged series' slope in its second half."""
+    slope, mean = slope_per_hour(points_rss)
+    half = points_judged[len(points_judged) // 2:]
+    late, late_mean = slope_per_hour(half)
+    return {"samples": len(points_rss), "mean_mib": round(mean / 1024, 1), "kib_per_h": round(slope),
+            "pct_per_h": round(100 * slope / mean, 2) if mean else None,
+            "late_samples": len(half), "late_mean_mib": round(late_mean / 1024, 1), "late_kib_per_h": round(late),
+            "late_pct_per_h": round(100 * late / late_mean, 2) if late_mean else None}
+
+
 def analyse(data):
     samples = data["samples"]
     events = {e["event"]: e for e in data["events"]}
@@ -62,17 +83,19 @@ def analyse(data):
     if deploy:
         segments.append(("after the deploy", deploy[1] + warmup / 2, churn_until))
     units = sorted({unit for s in samples for unit in s.get("units", {})})
+    # Private memory where every sample has it (soaks from before it was sampled have RSS only).
+    judged = "private_kib" if all("private_kib" in u for s in samples for u in s.get("units", {}).values()) \
+        else "rss_kib"
     rows, verdicts = [], []
     for unit in units:
         series = [(s["t"], s["units"][unit]) for s in samples if unit in s.get("units", {})]
         row = {"unit": unit, "segments": []}
         for name, start, end in segments:
-            points = [(t, u["rss_kib"]) for t, u in series if start <= t <= end]
-            if len(points) >= 10:
-                slope, mean = slope_per_hour(points)
-                row["segments"].append({"name": name, "samples": len(points), "kib_per_h": round(slope),
-                                        "pct_per_h": round(100 * slope / mean, 2) if mean else None,
-                                        "mean_mib": round(mean / 1024, 1)})
+            points = [(t, u) for t, u in series if start <= t <= end]
+            # Ten samples (five minutes) in the half that is judged.
+            if len(points) >= 20:
+                row["segments"].append({"name": name, **memory_slopes([(t, u["rss_kib"]) for t, u in points],
+                                                                      [(t, u[judged]) for t, u in points])})
         before = [u for t, u in series if t <= churn_from + 1]
         during = [u for t, u in series if churn_from < t <= churn_until]
         # Past the last churning socket (a silent one is reset 70 s after it came).
@@ -83,13 +106,13 @@ def analyse(data):
         rows.append(row)
     growth = [(row["unit"], seg) for row in rows for seg in row["segments"]]
     if growth:
-        worst = max(growth, key=lambda item: item[1]["pct_per_h"] or 0)
-        verdicts.append(("memory growth after warm-up under "
-                         f"{MAX_GROWTH_PCT_PER_H:g} % an hour, every unit",
-                         all((seg["pct_per_h"] or 0) < MAX_GROWTH_PCT_PER_H for _, seg in growth),
-                         f"largest: {worst[0]} {worst[1]['pct_per_h']} %/h ({worst[1]['name']})"))
+        worst = max(growth, key=lambda item: item[1]["late_pct_per_h"] or 0)
+        verdicts.append((f"memory growth after warm-up under {MAX_GROWTH_PCT_PER_H:g} % an hour, every unit "
+                         f"({JUDGED_NAMES[judged]}, second half of each segment)",
+                         all((seg["late_pct_per_h"] or 0) < MAX_GROWTH_PCT_PER_H for _, seg in growth),
+                         f"largest: {worst[0]} {worst[1]['late_pct_per_h']} %/h ({worst[1]['name']})"))
     else:
-        verdicts.append(("memory growth after warm-up", None, "run too short for a slope (10 samples a segment)"))
+        verdicts.append(("memory growth after warm-up", None, "run too short for a slope (20 samples a segment)"))
 
     # Descriptors, per group of units (a deploy's new processes spread the
     # sockets over the instances differently).
@@ -126,7 +149,7 @@ def analyse(data):
     else:
         verdicts.append(("fan-out p99 at the end against the start", None, "run too short"))
     return {"rows": rows, "verdicts": verdicts, "errors_outside": errors_out, "errors_in_deploy": errors_in,
-            "deploy": deploy, "churn": (churn_from, churn_until), "warmup": warmup}
+            "deploy": deploy, "churn": (churn_from, churn_until), "warmup": warmup, "judged": judged}
 
 
 def verdict(ok):
@@ -153,13 +176,18 @@ def report(folder):
               "## Verdicts", "", "| bound | verdict | figures |", "|---|---|---|"]
     lines += [f"| {name} | {verdict(ok)} | {figures} |" for name, ok, figures in result["verdicts"]]
     lines += ["", "## Memory and descriptors per unit", "",
-              "| unit | segment | samples | mean RSS | slope | growth | fds before churn | fds peak | fds after churn |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              f"Resident memory over the whole segment; {JUDGED_NAMES[result['judged']]} over its second half, "
+              "which the verdict judges.", "",
+              "| unit | segment | samples | mean RSS | RSS slope | RSS growth "
+              f"| mean {JUDGED_NAMES[result['judged']]}, 2nd half | slope, 2nd half | growth, 2nd half "
+              "| fds before churn | fds peak | fds after churn |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         fds = row["fds"]
         for seg in row["segments"] or [{"name": "too short for a slope"}]:
-            slope = (f"{seg['mean_mib']} MiB | {seg['kib_per_h']:,} KiB/h | {seg['pct_per_h']} %/h"
-                     if "mean_mib" in seg else "– | – | –")
+            slope = (f"{seg['mean_mib']} MiB | {seg['kib_per_h']:,} KiB/h | {seg['pct_per_h']} %/h "
+                     f"| {seg['late_mean_mib']} MiB | {seg['late_kib_per_h']:,} KiB/h | {seg['late_pct_per_h']} %/h"
+                     if "mean_mib" in seg else "– | – | – | – | – | –")
             lines.append(f"| {row['unit']} | {seg['name']} | {seg.get('samples', 0)} | {slope} "
                          f"| {fds['before_churn']} | {fds['peak']} | {fds['after_churn']} |")
     lines += ["", "## Counts over the whole run", "", "| what | count |", "|---|---|"]
@@ -185,10 +213,14 @@ def plot(folder, data, result):
     units = sorted({unit for s in samples for unit in s.get("units", {})})
     for unit in units:
         xs = [s["t"] / 60 for s in samples if unit in s.get("units", {})]
-        axes[0].plot(xs, [s["units"][unit]["rss_kib"] / 1024 for s in samples if unit in s.get("units", {})],
-                     label=unit)
+        line, = axes[0].plot(xs, [s["units"][unit]["rss_kib"] / 1024 for s in samples if unit in s.get("units", {})],
+                             label=unit)
+        if result["judged"] != "rss_kib":
+            axes[0].plot(xs, [s["units"][unit][result["judged"]] / 1024 for s in samples if unit in s.get("units", {})],
+                         color=line.get_color(), linestyle="--")
         axes[1].plot(xs, [s["units"][unit]["fds"] for s in samples if unit in s.get("units", {})], label=unit)
-    axes[0].set_ylabel("resident memory (MiB)")
+    axes[0].set_ylabel("resident memory (MiB)" if result["judged"] == "rss_kib"
+                       else f"memory (MiB): resident, {JUDGED_NAMES[result['judged']]} dashed")
     axes[1].set_ylabel("open descriptors")
     axes[2].plot(minutes, [(s["latency_s"]["p50"] or 0) * 1000 for s in samples], label="p50")
     axes[2].plot(minutes, [(s["latency_s"]["p99"] or 0) * 1000 for s in samples], label="p99")

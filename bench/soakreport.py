@@ -212,13 +212,12 @@ def plot(folder, data, result):
     fig, axes = plt.subplots(4, 1, figsize=(11, 13), sharex=True)
     units = sorted({unit for s in samples for unit in s.get("units", {})})
     for unit in units:
-        xs = [s["t"] / 60 for s in samples if unit in s.get("units", {})]
-        line, = axes[0].plot(xs, [s["units"][unit]["rss_kib"] / 1024 for s in samples if unit in s.get("units", {})],
-                             label=unit)
+        seen = [(s["t"] / 60, s["units"][unit]) for s in samples if unit in s.get("units", {})]
+        xs = [x for x, _ in seen]
+        line, = axes[0].plot(xs, [u["rss_kib"] / 1024 for _, u in seen], label=unit)
         if result["judged"] != "rss_kib":
-            axes[0].plot(xs, [s["units"][unit][result["judged"]] / 1024 for s in samples if unit in s.get("units", {})],
-                         color=line.get_color(), linestyle="--")
-        axes[1].plot(xs, [s["units"][unit]["fds"] for s in samples if unit in s.get("units", {})], label=unit)
+            axes[0].plot(xs, [u[result["judged"]] / 1024 for _, u in seen], color=line.get_color(), linestyle="--")
+        axes[1].plot(xs, [u["fds"] for _, u in seen], label=unit)
     axes[0].set_ylabel("resident memory (MiB)" if result["judged"] == "rss_kib"
                        else f"memory (MiB): resident, {JUDGED_NAMES[result['judged']]} dashed")
     axes[1].set_ylabel("open descriptors")

@@ -1,9 +1,9 @@
 """The soak's memory verdict tells a leak from a warm-up (bench/soakreport.py).
 
 Synthetic hours of samples, shaped like the soaks measured: a leak grows at
-the same rate all along; a warm-up (the allocator's pools, SQLite's page
-cache, Nginx's shared zones filling to their size) rises for a quarter of an
-hour and stays. Only the leak may fail the bound.
+the same rate all along; a warm-up (the allocator's pools reaching the peak
+of open sockets, Nginx's shared zones filling to their size) rises for a
+quarter of an hour and stays. Only the leak may fail the bound.
 """
 
 import math

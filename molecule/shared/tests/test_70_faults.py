@@ -587,10 +587,10 @@ def full_log_filesystem(host):
     Mounted over the real /var/log (hiding its files, which stay as they
     were), with the folders its writers need. Nginx and Redis run in mount
     namespaces of their own (ProtectSystem=strict) that do not see a later
-    mount, so they are restarted around it. journald is restarted once the
-    tmpfs is full: it cannot make its journal file there (a journal it had
-    open would still have room inside it). Whatever is logged meanwhile
-    goes with the tmpfs.
+    mount, so they are stopped before it and started once it is full.
+    journald is restarted then too: it cannot make its journal file there
+    (a journal it had open would still have room inside it). Whatever is
+    logged meanwhile goes with the tmpfs.
     """
     assert host.run(f"mountpoint -q {LOG_DIR}").rc != 0, f"{LOG_DIR} is a mount point already"
     host.run_expect([0], f"systemctl stop {LOG_WRITERS}")
@@ -601,9 +601,12 @@ def full_log_filesystem(host):
                              f" && install -d -o redis -g adm -m 2750 {LOG_DIR}/redis"
                              f" && install -d -o root -g systemd-journal -m 2755 {JOURNAL}"
                              f" && systemd-tmpfiles --create --prefix {JOURNAL}")
-        host.run_expect([0], f"systemctl start {LOG_WRITERS}")
-        # dd stops at the first write that finds no space.
+        # Filled before Nginx starts: a request logged in between (a probe, a
+        # client reconnecting) would leave access.log a page it could still
+        # write into. dd stops at the first write that finds no space; files
+        # can still be made, only not grown.
         host.run(f"dd if=/dev/zero of={LOG_DIR}/filler bs=1M status=none")
+        host.run_expect([0], f"systemctl start {LOG_WRITERS}")
         host.run_expect([0], "systemctl restart systemd-journald")
         yield
     finally:

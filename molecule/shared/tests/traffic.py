@@ -74,6 +74,9 @@ class Seen:
 class Counts:
     http_ok: int = 0
     http_failed: list = field(default_factory=list)
+    # When each of them failed (time.monotonic()): where an outage is
+    # expected, its window.
+    http_failed_at: list = field(default_factory=list)
     releases_seen: list = field(default_factory=list)
     # (close code, seconds from the close to the next open handshake)
     reconnects: list = field(default_factory=list)
@@ -160,6 +163,7 @@ class Traffic:
                 except Exception as error:
                     with self._lock:
                         self.counts.http_failed.append(repr(error)[:200])
+                        self.counts.http_failed_at.append(time.monotonic())
                 time.sleep(self.http_interval)
         finally:
             with self._lock:

@@ -328,6 +328,21 @@ def test_postgresql_without_backups_on_purpose_passes_preflight(tmp_path):
     assert rc == 0, output[-3000:]
 
 
+@pytest.mark.parametrize("previous", ["o" * 31 + "@", "d" * 32])
+def test_an_unsafe_database_password_before_a_rotation_is_refused(tmp_path, previous):
+    """chat_db_password_previous: the rules of chat_db_password, and not that password itself."""
+    inventory = write_inventory(tmp_path, ["web", "app", "redis", "db"], DB_PASSWORD + "chat_backups_enabled: false\n")
+    rc, output = run_site(inventory, "-e", json.dumps({"chat_db_password_previous": previous}))
+    assert_refused_before_any_change(rc, output, "chat_db_password_previous) is neither")
+
+
+def test_a_database_password_before_a_rotation_passes_preflight(tmp_path):
+    """The control for the test above."""
+    inventory = write_inventory(tmp_path, ["web", "app", "redis", "db"], DB_PASSWORD + "chat_backups_enabled: false\n")
+    rc, output = run_site(inventory, "-e", json.dumps({"chat_db_password_previous": "o" * 32}), "--tags", "never")
+    assert rc == 0, output[-3000:]
+
+
 def test_the_backup_host_may_not_be_the_db_host(tmp_path):
     inventory = write_inventory(tmp_path, ["web", "app", "redis", "db", "backup"], DB_PASSWORD)
     rc, output = run_site(inventory)
@@ -404,6 +419,22 @@ def test_an_even_number_of_postgresql_hosts_is_refused(tmp_path, more):
     add_redis_hosts(tmp_path, more, group="db")
     rc, output = run_site(inventory)
     assert_refused_before_any_change(rc, output, f"Group 'db' has {more + 1} hosts", "a majority of the etcd members")
+
+
+@pytest.mark.parametrize("admin, refused", [("", True), ("a" * 40, False)])
+def test_a_database_password_rotation_under_patroni_needs_an_admin_password_of_its_own(tmp_path, admin, refused):
+    """Patroni's own passwords derive from chat_db_admin_password (by default chat_db_password): a
+    rotation of chat_db_password must not change them, so it needs that password set apart first."""
+    extra = "chat_db_password: " + "d" * 32 + "\nchat_backups_enabled: false\n"
+    inventory = write_inventory(tmp_path, ["web", "app", "redis"],
+                                extra + (f"chat_db_admin_password: {admin}\n" if admin else ""))
+    add_redis_hosts(tmp_path, 2, group="db")
+    rc, output = run_site(inventory, "-e", json.dumps({"chat_db_password_previous": "o" * 32}))
+    if refused:
+        assert_refused_before_any_change(rc, output, "chat_db_admin_password is chat_db_password itself")
+    else:
+        # Past the secrets, to the network check (192.0.2.x answers nobody).
+        assert_refused_before_any_change(rc, output, "got no answer on the private network from 192.0.2.20")
 
 
 def test_three_postgresql_hosts_pass_the_inventory_checks(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
-from . import dburl
+from . import dburl, pgauth
 from .env import env_bool, env_float, env_host_ports, env_int, env_list, env_networks, env_str
 from .layers import build_channel_layers
 
@@ -157,6 +157,11 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         # the pace of chat/failover.py's wait for the primary.
         "reconnect_timeout": 0,
     }
+    # During a rotation of the role's password (chatservice/pgauth.py): the
+    # password the role had until now, tried when the new one is refused.
+    _db_password_previous = env_str("DATABASE_PASSWORD_PREVIOUS", "")
+    if _db_password_previous:
+        DATABASES["default"]["OPTIONS"]["pool"]["connection_class"] = pgauth.connection_class(_db_password_previous)
 _postgresql = DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
 # Seconds a post (DATABASE_FAILOVER_WAIT) and /healthz's database check
 # (HEALTH_DATABASE_FAILOVER_WAIT) wait for a PostgreSQL primary when there is

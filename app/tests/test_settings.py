@@ -165,6 +165,18 @@ def test_postgresql_gets_a_connection_pool_per_process(interface):
     assert database["OPTIONS"]["pool"] == {"min_size": 1, "max_size": 6, "timeout": 3.0, "reconnect_timeout": 0}
 
 
+def test_a_previous_database_password_gives_the_pool_its_fallback():
+    """During a rotation (chatservice/pgauth.py) the pool's connections fall back on the old password."""
+    values = read_settings(
+        {"SECRET_KEY": "k", "DATABASE_URL": "postgres://chat:new@db.internal:5432/chat",
+         "DATABASE_PASSWORD_PREVIOUS": "old"},
+        "DATABASES",
+    )
+    pool = values["DATABASES"]["default"]["OPTIONS"]["pool"]
+    assert "pgauth.connection_class.<locals>.RotatingPasswordConnection" in pool["connection_class"]
+    assert values["DATABASES"]["default"]["PASSWORD"] == "new"
+
+
 @pytest.mark.parametrize("url, env, expected", [
     ("postgres://chat:pw@10.0.0.4:5432,10.0.0.5:5432/chat?target_session_attrs=read-write", {}, [10.0, 5.0]),
     ("postgres://chat:pw@db.internal:5432/chat",

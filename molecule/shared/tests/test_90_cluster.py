@@ -4,6 +4,7 @@ Runs once for the inventory, not once per host: each check picks its hosts
 by group. Skipped where the layout has one app host.
 """
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -20,9 +21,11 @@ import yaml
 from websockets.exceptions import InvalidStatus
 
 from clients import (INVENTORY, WebSocket, changed_per_host, edge_of, inventory_host, report, run_playbook,
-                     tcp_open, why_failed)
+                     tcp_open, wait, why_failed)
+from patroni import members as patroni_members
 from test_19_database import pg_query
 from test_70_faults import SENDERS, SOCKETS, _health_check_fails, account, new_room, recovery_after, room_traffic
+from test_89_db_ha import healthy
 from traffic import Traffic
 
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
@@ -254,29 +257,42 @@ def enabled_daphne_instances(app):
 def test_postgresql_stopped_is_reported_refused_and_resumes(edge):
     """The database stops for a while under a room's traffic: the db host's PostgreSQL, or with
     Patroni every member (a failover has nowhere to go; test_89 checks the failovers)."""
-    members = [on(name) for name in RUNNER.get_hosts("db")]
+    names = RUNNER.get_hosts("db")
+    members = [on(name) for name in names]
     version = members[0].check_output("ls /etc/postgresql")
     unit = f"{'patroni' if len(members) > 1 else 'postgresql'}@{version}-main"
     room = new_room("postgresql-stopped")
     outage = 8
+
+    def on_every_member(action, check=True):
+        # At once, as a power cut of the data tier would: stopped one after
+        # the other, each stop would hand the lead to a member about to stop
+        # too, a new timeline each time, which the others must then follow.
+        with concurrent.futures.ThreadPoolExecutor(len(members)) as pool:
+            results = list(pool.map(lambda data: data.run(f"systemctl {action} {unit}"), members))
+        assert not check or all(result.rc == 0 for result in results), results
+
     traffic = room_traffic(edge, room)
     try:
         with traffic as counts:
             time.sleep(2)
-            for data in members:
-                data.check_output("systemctl stop %s", unit)
+            on_every_member("stop")
             stopped_at = time.monotonic()
             health = _health_check_fails(edge, "database", "", timeout=30)
             named_after = time.monotonic() - stopped_at
             time.sleep(max(0.0, outage - (time.monotonic() - stopped_at)))
-            for data in members:
-                data.check_output("systemctl start %s", unit)
+            on_every_member("start")
             recovery = recovery_after(traffic, edge, room, time.monotonic())
             edge.wait_healthy(timeout=60)
             time.sleep(5)
     finally:
-        for data in members:
-            data.run("systemctl start %s", unit)
+        on_every_member("start", check=False)
+    if len(members) > 1:
+        # Every member back and following, not the leader alone: the checks after this one need them.
+        wait(lambda: healthy(names), 120, "every Patroni member running or streaming again",
+             explain=lambda: f"{patroni_members(names)}; " + "; ".join(
+                 f"{name}: " + on(name).run(f"journalctl -q -u {unit} -n 8 --no-pager").stdout.replace("\n", " | ")
+                 for name in names))
     report(f"fault postgresql stopped {outage} s: /healthz answered 503 after {named_after:.1f} s "
            f"with database {health['checks']['database'][:80]!r}")
     if counts.ws_failed_handshakes:

@@ -1,5 +1,5 @@
-"""Rotating Django's SECRET_KEY and the app's Redis password under a room's traffic
-(playbooks/rotate.yml, README "Operating: secrets").
+"""Rotating Django's SECRET_KEY and the app's Redis and PostgreSQL passwords under a room's
+traffic (playbooks/rotate.yml, README "Operating: secrets").
 
 Runs where group app has two hosts or more (the cluster scenario), last: it
 leaves the hosts on secrets the inventory does not hold. Step one runs
@@ -12,6 +12,12 @@ every Redis and sentinel (tried: the login fails, PING is refused), and that
 value by every app host. Both
 under traffic with half the clients reconnecting at once: 0 failed requests,
 0 failed handshakes, only 1012 closes, 0 refused posts, 0 lost.
+
+PostgreSQL's role has one password at a time: a new one without the old
+one beside it (chat_db_password_previous) is refused before any host
+changes; with it, the app's servers log in with either, and the role has
+the new one alone once the first step is over (tried on every db host:
+the old one is refused).
 
 The site's self-signed key (-e chat_rotate_tls_key=true) is rotated on the
 all-in-one host, on one Debian release: a client that trusts the new
@@ -43,6 +49,7 @@ from test_88_redis_ha import REDIS_PORT, SENTINEL_PORT, cli, playbook_under_traf
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 APP_HOSTS = RUNNER.get_hosts("app")
 REDIS_HOSTS = RUNNER.get_hosts("redis")
+DB_HOSTS = RUNNER.get_hosts("db")
 
 
 on = inventory_host
@@ -68,6 +75,14 @@ def redis_logins(password):
             for name in REDIS_HOSTS for port in ports}
 
 
+def db_logins(password):
+    """Where the app's PostgreSQL role logs in with PASSWORD (its own row of pg_hba, the local socket):
+    {host: whether it did}."""
+    command = ("psql -X -w -h /run/postgresql -U chat -d chat -A -t -c 'SELECT 1'")
+    return {name: on(name).run(f"PGPASSWORD={shlex.quote(password)} {command}").stdout.strip() == "1"
+            for name in DB_HOSTS}
+
+
 def rotated_under_traffic(edge, name, slug, values):
     result, counts, recovery, room = playbook_under_traffic(edge, slug, "playbooks/rotate.yml",
                                                             "-e", json.dumps(values))
@@ -82,25 +97,44 @@ def test_rotated_secrets_are_accepted_beside_the_old_ones_then_alone():
     edge = edge_of(on(RUNNER.get_hosts("web")[0]))
     old_key = inventory_value(APP_HOSTS[0], "chat_secret_key")
     old_password = inventory_value(APP_HOSTS[0], "chat_redis_password")
-    new_key, new_password = secrets.token_urlsafe(50), secrets.token_urlsafe(32)
+    old_db = inventory_value(APP_HOSTS[0], "chat_db_password")
+    new_key, new_password, new_db = secrets.token_urlsafe(50), secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     rc, token = shell(APP_HOSTS[0], SIGN)
     assert rc == 0 and token, "the control: the app signs a value"
     assert all(verifies(name, token) for name in APP_HOSTS), "the control: the key now verifies its own"
     assert set(redis_logins(old_password).values()) == {"PONG"}, "the control: the password now logs in"
+    assert set(db_logins(old_db).values()) == {True}, "the control: the database password now logs in"
+
+    # A new database password alone would lock out every server still on the old one.
+    env_before = {name: on(name).check_output("cat /srv/chat/shared/chat.env") for name in APP_HOSTS}
+    result = run_playbook("playbooks/rotate.yml", "-e", json.dumps({"chat_db_password": new_db}))
+    assert result.returncode != 0 and "refuses the app's password (chat_db_password)" in result.stdout, \
+        why_failed(result)
+    assert {name: on(name).check_output("cat /srv/chat/shared/chat.env") for name in APP_HOSTS} == env_before
+    assert set(db_logins(old_db).values()) == {True}, "the role's password changed although the run stopped"
 
     rotated_under_traffic(edge, "secrets rotated, the old ones beside them", "rotate-both",
                           {"chat_secret_key": new_key, "chat_secret_key_fallbacks": [old_key],
-                           "chat_redis_password": new_password, "chat_redis_password_previous": old_password})
+                           "chat_redis_password": new_password, "chat_redis_password_previous": old_password,
+                           "chat_db_password": new_db, "chat_db_password_previous": old_db})
     for name in APP_HOSTS:
         env = on(name).check_output("cat /srv/chat/shared/chat.env")
         assert f"SECRET_KEY='{new_key}'" in env and f"SECRET_KEY_FALLBACKS='{old_key}'" in env, name
         assert f":{new_password}@" in env and old_password not in env, name
+        assert f":{new_db}@" in env and f"DATABASE_PASSWORD_PREVIOUS='{old_db}'" in env, name
         assert verifies(name, token), f"{name}: a value the old key signed was refused with it a fallback"
     assert set(redis_logins(new_password).values()) == {"PONG"}, redis_logins(new_password)
     assert set(redis_logins(old_password).values()) == {"PONG"}, "the old password was refused too early"
+    # Every server had both when the role got the new one, its only one.
+    assert set(db_logins(new_db).values()) == {True}, db_logins(new_db)
+    assert set(db_logins(old_db).values()) == {False}, "the role still takes the old database password"
 
     rotated_under_traffic(edge, "the old secrets dropped", "rotate-drop",
-                          {"chat_secret_key": new_key, "chat_redis_password": new_password})
+                          {"chat_secret_key": new_key, "chat_redis_password": new_password,
+                           "chat_db_password": new_db})
+    for name in APP_HOSTS:
+        assert "DATABASE_PASSWORD_PREVIOUS" not in on(name).check_output("cat /srv/chat/shared/chat.env"), name
+    assert set(db_logins(new_db).values()) == {True} and set(db_logins(old_db).values()) == {False}
     assert [name for name in APP_HOSTS if verifies(name, token)] == [], "the old key's signature still verifies"
     assert set(redis_logins(new_password).values()) == {"PONG"}, redis_logins(new_password)
     # redis-cli's AUTH fails (WRONGPASS, on stderr), then PING is refused unauthenticated.

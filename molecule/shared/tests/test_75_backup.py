@@ -93,17 +93,25 @@ def test_a_damaged_copy_fails_the_restore_test(host):
     path = f"{BACKUP_DIR}/{newest['file']}"
     saved = f"/tmp/{newest['file']}.saved"
     host.run_expect([0], f"cp -p {path} {saved}")
+    # The hourly timer must not add a newer copy while this one is damaged:
+    # the restore test would verify that one instead.
+    host.run_expect([0], "systemctl stop chat-backup.timer")
     try:
-        # One byte in the middle of the compressed copy changes.
-        host.run_expect([0], f"printf 'X' | dd of={path} bs=1 seek=$(( $(stat -c %s {path}) / 2 ))"
-                             " conv=notrunc status=none")
+        # One byte in the middle of the compressed copy changes: its bits are
+        # inverted, as writing a fixed byte would change nothing where it is already there.
+        flip = ("import os, sys; path = sys.argv[1]; middle = os.path.getsize(path) // 2\n"
+                "with open(path, 'r+b') as copy:\n"
+                "    copy.seek(middle); byte = copy.read(1)[0]; copy.seek(middle); copy.write(bytes([byte ^ 0xFF]))")
+        host.run_expect([0], f"python3 -c {shlex.quote(flip)} {path}")
+        assert host.check_output(f"sha256sum < {path}").split()[0] != newest["sha256"]
         result = host.run("systemctl start chat-backup-verify.service")
-        assert result.rc != 0, "a damaged copy passed the restore test"
         log = host.check_output("journalctl -q -o cat -u chat-backup-verify.service -n 20")
+        assert result.rc != 0, f"a damaged copy passed the restore test:\n{log}"
         assert "does not match its checksum" in log
     finally:
         host.run_expect([0], f"mv -f {saved} {path}")
         host.run("systemctl reset-failed chat-backup-verify.service")
+        host.run_expect([0], "systemctl start chat-backup.timer")
     host.run_expect([0], "systemctl start chat-backup-verify.service")
 
 

@@ -134,6 +134,9 @@ def test_an_app_host_the_web_host_cannot_reach_is_refused(tmp_path):
     # The Redis password before a rotation: unsafe, or the password now.
     ("chat_redis_password_previous", "o" * 31 + "@"),
     ("chat_redis_password_previous", "p" * 32),
+    # The same for the admin's.
+    ("chat_redis_admin_password_previous", "o" * 31 + "@"),
+    ("chat_redis_admin_password_previous", "a" * 32),
 ])
 def test_short_or_unsafe_secret_is_refused(tmp_path, variable, value):
     inventory = write_inventory(tmp_path, ["web", "app", "redis"])
@@ -145,7 +148,8 @@ def test_rotated_out_secrets_pass_preflight(tmp_path):
     """The control for the rotated-out secrets above: other values of the same rules."""
     inventory = write_inventory(tmp_path, ["web", "app", "redis"])
     rc, output = run_site(inventory, "-e", json.dumps({"chat_secret_key_fallbacks": ["o" * 50],
-                                                       "chat_redis_password_previous": "o" * 32}),
+                                                       "chat_redis_password_previous": "o" * 32,
+                                                       "chat_redis_admin_password_previous": "q" * 32}),
                           "--tags", "never")
     assert rc == 0, output[-3000:]
 

@@ -24,7 +24,7 @@ import pytest
 
 from clients import on_one_release, report, run_playbook, why_failed
 from test_70_faults import account, new_room, recovery_after, room_traffic
-from test_92_maintenance import rebootable
+from test_92_maintenance import pid1_started, rebootable
 
 pytestmark = on_one_release("CHAT_MAINTENANCE_SUITE", "trixie", "the all-in-one maintenance window")
 
@@ -88,17 +88,18 @@ def upgrades_due(host):
 
 
 def test_alone_it_is_refused_without_the_downtime_accepted(host):
-    before = host.check_output("ps -o lstart= -p 1")
+    name = host.backend.get_hostname()
+    before = pid1_started(name)
     result = run_playbook("playbooks/maintenance.yml", "-e", "chat_maintenance_reboot=always")
     assert result.returncode != 0
     assert "alone in its tier" in result.stdout and "Nothing was changed" in result.stdout, \
         result.stdout[-3000:]
-    assert host.check_output("ps -o lstart= -p 1") == before
+    assert pid1_started(name) == before
 
 
 def test_the_window_of_the_all_in_one_host_security_upgrades_only(host, edge, upgrades_due):
     name = host.backend.get_hostname()
-    before = host.check_output("ps -o lstart= -p 1")
+    before = pid1_started(name)
     room = new_room("maintain-alone")
     traffic = room_traffic(edge, room)
     with rebootable([name]), traffic as counts:
@@ -110,7 +111,7 @@ def test_the_window_of_the_all_in_one_host_security_upgrades_only(host, edge, up
         ended = time.monotonic()
         recovery = recovery_after(traffic, edge, room, ended)
         time.sleep(3)
-    assert host.check_output("ps -o lstart= -p 1") != before, "the host was not rebooted"
+    assert pid1_started(name) != before, "the host was not rebooted"
     assert installed_version(host, PACKAGES["security"]) == "1.1", "the security suite's upgrade was not installed"
     assert installed_version(host, PACKAGES["other"]) == "1.0", "an upgrade from outside a security suite was installed"
     dropped, http_errors = account("all-in-one host maintained", host, room, counts, recovery,

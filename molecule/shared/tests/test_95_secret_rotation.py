@@ -1,5 +1,5 @@
-"""Rotating Django's SECRET_KEY and the app's Redis and PostgreSQL passwords under a room's
-traffic (playbooks/rotate.yml, README "Operating: secrets").
+"""Rotating Django's SECRET_KEY, the app's and the admin's Redis passwords and the app's
+PostgreSQL password under a room's traffic (playbooks/rotate.yml, README "Operating: secrets").
 
 Runs where group app has two hosts or more (the cluster scenario), last: it
 leaves the hosts on secrets the inventory does not hold. Step one runs
@@ -12,6 +12,14 @@ every Redis and sentinel (tried: the login fails, PING is refused), and that
 value by every app host. Both
 under traffic with half the clients reconnecting at once: 0 failed requests,
 0 failed handshakes, only 1012 closes, 0 refused posts, 0 lost.
+
+The Redis admin password seeds the monitor's, the replicas' and the
+sentinels' own: after step one each of those logins takes either
+password, and every replica and sentinel uses the new one; after step two
+the old ones are refused everywhere, and the links that log in with them
+(replica to primary, sentinel to Redis and to the other sentinels), cut,
+log in again with the new ones: no sentinel calls anything down, every
+replica streams, and the Redis exporter answers redis_up 1.
 
 PostgreSQL's role has one password at a time: a new one without the old
 one beside it (chat_db_password_previous) is refused before any host
@@ -28,6 +36,7 @@ CA-issued key under load.
 """
 
 import concurrent.futures
+import hashlib
 import json
 import re
 import secrets
@@ -44,7 +53,8 @@ from clients import (INVENTORY, edge_of, inventory_host, inventory_value, on_one
                      run_playbook, why_failed)
 from test_50_deploy import assert_gentle_reconnects, rehome_window, wait_for_retired_nginx_workers
 from test_70_faults import account
-from test_88_redis_ha import REDIS_PORT, SENTINEL_PORT, cli, playbook_under_traffic
+from monitoring import MONITORING, monitoring_host
+from test_88_redis_ha import MASTER, REDIS_PORT, SENTINEL_PORT, address, cli, playbook_under_traffic
 
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 APP_HOSTS = RUNNER.get_hosts("app")
@@ -75,6 +85,73 @@ def redis_logins(password):
             for name in REDIS_HOSTS for port in ports}
 
 
+def derived(admin, purpose):
+    """A password group_vars/all.yml derives from the admin's (monitor, replication, sentinel)."""
+    return hashlib.sha256(f"{admin}:{purpose}".encode()).hexdigest()
+
+
+# Who logs in with a password derived from the admin's, and where: (user, purpose, ports).
+ADMIN_DERIVED = [("admin", None, (REDIS_PORT, SENTINEL_PORT)), ("monitor", "monitor", (REDIS_PORT,)),
+                 ("replica", "replication", (REDIS_PORT,)), ("sentinel", "sentinel", (REDIS_PORT, SENTINEL_PORT))]
+
+
+def admin_logins(admin):
+    """Where each login that ADMIN's password gives (its own, and those derived from it) gets PONG:
+    {(host, port, user): answer}."""
+    return {(name, port, user): " ".join(cli(on(name), derived(admin, purpose) if purpose else admin, port,
+                                             "PING", user=user))
+            for name in REDIS_HOSTS for user, purpose, ports in ADMIN_DERIVED for port in ports}
+
+
+def not_refused(logins):
+    """Those of the logins' answers where the login worked: redis-cli's AUTH fails (WRONGPASS, on
+    stderr), then PING is refused unauthenticated."""
+    return {where: answer for where, answer in logins.items()
+            if answer == "PONG" or not answer.startswith("NOAUTH")}
+
+
+def logged_in_again(admin):
+    """Cuts every link that logs in with a password derived from ADMIN: the replicas' to their
+    primary (masterauth), the sentinels' to Redis (auth-pass) and to each other (sentinel-pass).
+    Once a sentinel would have called a peer down (down-after-milliseconds), what is not as it
+    should be: {where: what}."""
+    def pairs(lines):
+        return dict(zip(lines[::2], lines[1::2]))
+
+    down_after = int(pairs(cli(on(REDIS_HOSTS[0]), admin, SENTINEL_PORT, "SENTINEL", "MASTER", MASTER))
+                     ["down-after-milliseconds"])
+    for user, port in (("replica", REDIS_PORT), ("sentinel", REDIS_PORT), ("sentinel", SENTINEL_PORT)):
+        for name in REDIS_HOSTS:
+            cli(on(name), admin, port, "CLIENT", "KILL", "USER", user)
+    time.sleep(down_after / 1000 + 3)
+    wrong = {}
+    for name in REDIS_HOSTS:
+        role = cli(on(name), admin, REDIS_PORT, "ROLE")
+        if role[:1] == ["slave"] and role[3:4] != ["connected"]:
+            wrong[(name, "replication")] = role
+        flags = {"master": [pairs(cli(on(name), admin, SENTINEL_PORT, "SENTINEL", "MASTER", MASTER))["flags"]]}
+        for kind in ("REPLICAS", "SENTINELS"):
+            lines = cli(on(name), admin, SENTINEL_PORT, "SENTINEL", kind, MASTER)
+            # One flat list of name/value pairs per peer, each starting with "name".
+            starts = [index for index, word in enumerate(lines) if word == "name" and index % 2 == 0]
+            flags[kind.lower()] = [pairs(lines[start:end])["flags"]
+                                   for start, end in zip(starts, starts[1:] + [len(lines)])]
+        if len(flags["sentinels"]) != len(REDIS_HOSTS) - 1 or any(
+                "down" in flag or "disconnected" in flag for flag in sum(flags.values(), [])):
+            wrong[(name, "sentinel")] = flags
+    if MONITORING:
+        monitor = monitoring_host()
+        port = inventory_value(REDIS_HOSTS[0], "chat_metrics_ports")["redis"]
+        for name in REDIS_HOSTS:
+            # Where the monitoring host scrapes it: the host's private address.
+            url = f"http://{address(name)}:{port}/metrics"
+            up = [line for line in monitor.check_output(f"curl -fsS --max-time 10 {url}").splitlines()
+                  if line.startswith("redis_up ")]
+            if up != ["redis_up 1"]:
+                wrong[(name, "exporter")] = up
+    return wrong
+
+
 def db_logins(password):
     """Where the app's PostgreSQL role logs in with PASSWORD (its own row of pg_hba, the local socket):
     {host: whether it did}."""
@@ -98,12 +175,15 @@ def test_rotated_secrets_are_accepted_beside_the_old_ones_then_alone():
     old_key = inventory_value(APP_HOSTS[0], "chat_secret_key")
     old_password = inventory_value(APP_HOSTS[0], "chat_redis_password")
     old_db = inventory_value(APP_HOSTS[0], "chat_db_password")
+    old_admin = inventory_value(APP_HOSTS[0], "chat_redis_admin_password")
     new_key, new_password, new_db = secrets.token_urlsafe(50), secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    new_admin = secrets.token_urlsafe(32)
     rc, token = shell(APP_HOSTS[0], SIGN)
     assert rc == 0 and token, "the control: the app signs a value"
     assert all(verifies(name, token) for name in APP_HOSTS), "the control: the key now verifies its own"
     assert set(redis_logins(old_password).values()) == {"PONG"}, "the control: the password now logs in"
     assert set(db_logins(old_db).values()) == {True}, "the control: the database password now logs in"
+    assert set(admin_logins(old_admin).values()) == {"PONG"}, admin_logins(old_admin)
 
     # A new database password alone would lock out every server still on the old one.
     env_before = {name: on(name).check_output("cat /srv/chat/shared/chat.env") for name in APP_HOSTS}
@@ -116,6 +196,7 @@ def test_rotated_secrets_are_accepted_beside_the_old_ones_then_alone():
     rotated_under_traffic(edge, "secrets rotated, the old ones beside them", "rotate-both",
                           {"chat_secret_key": new_key, "chat_secret_key_fallbacks": [old_key],
                            "chat_redis_password": new_password, "chat_redis_password_previous": old_password,
+                           "chat_redis_admin_password": new_admin, "chat_redis_admin_password_previous": old_admin,
                            "chat_db_password": new_db, "chat_db_password_previous": old_db})
     for name in APP_HOSTS:
         env = on(name).check_output("cat /srv/chat/shared/chat.env")
@@ -125,22 +206,25 @@ def test_rotated_secrets_are_accepted_beside_the_old_ones_then_alone():
         assert verifies(name, token), f"{name}: a value the old key signed was refused with it a fallback"
     assert set(redis_logins(new_password).values()) == {"PONG"}, redis_logins(new_password)
     assert set(redis_logins(old_password).values()) == {"PONG"}, "the old password was refused too early"
+    assert set(admin_logins(new_admin).values()) == {"PONG"}, admin_logins(new_admin)
+    assert set(admin_logins(old_admin).values()) == {"PONG"}, "an old admin login was refused too early"
     # Every server had both when the role got the new one, its only one.
     assert set(db_logins(new_db).values()) == {True}, db_logins(new_db)
     assert set(db_logins(old_db).values()) == {False}, "the role still takes the old database password"
 
     rotated_under_traffic(edge, "the old secrets dropped", "rotate-drop",
                           {"chat_secret_key": new_key, "chat_redis_password": new_password,
-                           "chat_db_password": new_db})
+                           "chat_redis_admin_password": new_admin, "chat_db_password": new_db})
     for name in APP_HOSTS:
         assert "DATABASE_PASSWORD_PREVIOUS" not in on(name).check_output("cat /srv/chat/shared/chat.env"), name
     assert set(db_logins(new_db).values()) == {True} and set(db_logins(old_db).values()) == {False}
     assert [name for name in APP_HOSTS if verifies(name, token)] == [], "the old key's signature still verifies"
     assert set(redis_logins(new_password).values()) == {"PONG"}, redis_logins(new_password)
     # redis-cli's AUTH fails (WRONGPASS, on stderr), then PING is refused unauthenticated.
-    still = {where: answer for where, answer in redis_logins(old_password).items()
-             if answer == "PONG" or not answer.startswith("NOAUTH")}
-    assert still == {}, f"the old password still logs in at {still}"
+    assert not_refused(redis_logins(old_password)) == {}, "the old password still logs in"
+    assert set(admin_logins(new_admin).values()) == {"PONG"}, admin_logins(new_admin)
+    assert not_refused(admin_logins(old_admin)) == {}, "an old admin login still works"
+    assert logged_in_again(new_admin) == {}, "a link did not log in again with the new passwords"
 
 
 @on_one_release("CHAT_ROTATION_SUITE", "trixie", "the self-signed key rotation")

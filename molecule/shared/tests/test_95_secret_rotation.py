@@ -25,7 +25,11 @@ PostgreSQL's role has one password at a time: a new one without the old
 one beside it (chat_db_password_previous) is refused before any host
 changes; with it, the app's servers log in with either, and the role has
 the new one alone once the first step is over (tried on every db host:
-the old one is refused).
+the old one is refused). Patroni's own passwords (replication, pg_rewind,
+its REST API), derived from chat_db_admin_password, rotate in the first
+run: each member's PostgreSQL and Patroni take the new ones and refuse the
+old ones from then on, and the replicas, their streams ended after the
+second run, stream again.
 
 The site's self-signed key (-e chat_rotate_tls_key=true) is rotated on the
 all-in-one host, on one Debian release: a client that trusts the new
@@ -50,10 +54,12 @@ import pytest
 import testinfra.utils.ansible_runner
 from websockets.exceptions import ConnectionClosed
 from clients import (INVENTORY, edge_of, inventory_host, inventory_value, on_one_release, public_key, report,
-                     run_playbook, why_failed)
+                     run_playbook, wait, why_failed)
 from test_50_deploy import assert_gentle_reconnects, rehome_window, wait_for_retired_nginx_workers
 from test_70_faults import account
 from monitoring import MONITORING, monitoring_host
+from patroni import leader, members, psql
+from test_89_db_ha import healthy
 from test_88_redis_ha import MASTER, REDIS_PORT, SENTINEL_PORT, address, cli, playbook_under_traffic
 
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
@@ -160,6 +166,44 @@ def db_logins(password):
             for name in DB_HOSTS}
 
 
+# Patroni's own logins, derived from chat_db_admin_password: (user, purpose, libpq options, a
+# statement the login may run).
+PATRONI_LOGINS = [("replicator", "replication", "dbname=postgres replication=true", "IDENTIFY_SYSTEM"),
+                  ("rewind", "rewind", "dbname=postgres", "SELECT 1")]
+
+
+def patroni_logins(admin):
+    """Where the logins derived from ADMIN are taken, on each db host: replication and pg_rewind by
+    its PostgreSQL (on its private address, as the members log in to each other), the REST API's
+    by Patroni on a request that needs it (POST /reload: Patroni reads its file again).
+    {(host, user): whether}."""
+    port = inventory_value(DB_HOSTS[0], "chat_metrics_ports")["patroni"]
+    logins = {}
+    for name in DB_HOSTS:
+        host, where = on(name), address(name)
+        for user, purpose, options, statement in PATRONI_LOGINS:
+            logins[(name, user)] = host.run(
+                f"PGPASSWORD={derived(admin, purpose)} psql -X -w -A -t "
+                f"{shlex.quote(f'host={where} user={user} {options}')} -c {shlex.quote(statement)}").rc == 0
+        answer = host.check_output(f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 10 -X POST "
+                                   f"-u patroni:{derived(admin, 'patroni-api')} http://{where}:{port}/reload")
+        logins[(name, "patroni")] = answer.startswith("2")
+    return logins
+
+
+def replicas_log_in_again():
+    """Ends every replica's stream on the leader: each logs in again with the password Patroni has
+    now. Seconds until every member runs or streams again, with a replica streaming per member."""
+    head = on(leader(DB_HOSTS))
+    psql(head, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_replication", "postgres")
+
+    def streaming():
+        count = int(psql(head, "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'", "postgres"))
+        return healthy(DB_HOSTS) if count == len(DB_HOSTS) - 1 else None
+    return wait(streaming, 60, "every replica streaming again", interval=1,
+                explain=lambda: f"patronictl list: {members(DB_HOSTS)}")[0]
+
+
 def rotated_under_traffic(edge, name, slug, values):
     result, counts, recovery, room = playbook_under_traffic(edge, slug, "playbooks/rotate.yml",
                                                             "-e", json.dumps(values))
@@ -176,14 +220,16 @@ def test_rotated_secrets_are_accepted_beside_the_old_ones_then_alone():
     old_password = inventory_value(APP_HOSTS[0], "chat_redis_password")
     old_db = inventory_value(APP_HOSTS[0], "chat_db_password")
     old_admin = inventory_value(APP_HOSTS[0], "chat_redis_admin_password")
+    old_db_admin = inventory_value(APP_HOSTS[0], "chat_db_admin_password")
     new_key, new_password, new_db = secrets.token_urlsafe(50), secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-    new_admin = secrets.token_urlsafe(32)
+    new_admin, new_db_admin = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     rc, token = shell(APP_HOSTS[0], SIGN)
     assert rc == 0 and token, "the control: the app signs a value"
     assert all(verifies(name, token) for name in APP_HOSTS), "the control: the key now verifies its own"
     assert set(redis_logins(old_password).values()) == {"PONG"}, "the control: the password now logs in"
     assert set(db_logins(old_db).values()) == {True}, "the control: the database password now logs in"
     assert set(admin_logins(old_admin).values()) == {"PONG"}, admin_logins(old_admin)
+    assert set(patroni_logins(old_db_admin).values()) == {True}, patroni_logins(old_db_admin)
 
     # A new database password alone would lock out every server still on the old one.
     env_before = {name: on(name).check_output("cat /srv/chat/shared/chat.env") for name in APP_HOSTS}
@@ -197,7 +243,8 @@ def test_rotated_secrets_are_accepted_beside_the_old_ones_then_alone():
                           {"chat_secret_key": new_key, "chat_secret_key_fallbacks": [old_key],
                            "chat_redis_password": new_password, "chat_redis_password_previous": old_password,
                            "chat_redis_admin_password": new_admin, "chat_redis_admin_password_previous": old_admin,
-                           "chat_db_password": new_db, "chat_db_password_previous": old_db})
+                           "chat_db_password": new_db, "chat_db_password_previous": old_db,
+                           "chat_db_admin_password": new_db_admin})
     for name in APP_HOSTS:
         env = on(name).check_output("cat /srv/chat/shared/chat.env")
         assert f"SECRET_KEY='{new_key}'" in env and f"SECRET_KEY_FALLBACKS='{old_key}'" in env, name
@@ -211,10 +258,14 @@ def test_rotated_secrets_are_accepted_beside_the_old_ones_then_alone():
     # Every server had both when the role got the new one, its only one.
     assert set(db_logins(new_db).values()) == {True}, db_logins(new_db)
     assert set(db_logins(old_db).values()) == {False}, "the role still takes the old database password"
+    # Patroni's own: one password each, the new one from this run on.
+    assert set(patroni_logins(new_db_admin).values()) == {True}, patroni_logins(new_db_admin)
+    assert set(patroni_logins(old_db_admin).values()) == {False}, patroni_logins(old_db_admin)
 
     rotated_under_traffic(edge, "the old secrets dropped", "rotate-drop",
                           {"chat_secret_key": new_key, "chat_redis_password": new_password,
-                           "chat_redis_admin_password": new_admin, "chat_db_password": new_db})
+                           "chat_redis_admin_password": new_admin, "chat_db_password": new_db,
+                           "chat_db_admin_password": new_db_admin})
     for name in APP_HOSTS:
         assert "DATABASE_PASSWORD_PREVIOUS" not in on(name).check_output("cat /srv/chat/shared/chat.env"), name
     assert set(db_logins(new_db).values()) == {True} and set(db_logins(old_db).values()) == {False}
@@ -225,6 +276,7 @@ def test_rotated_secrets_are_accepted_beside_the_old_ones_then_alone():
     assert set(admin_logins(new_admin).values()) == {"PONG"}, admin_logins(new_admin)
     assert not_refused(admin_logins(old_admin)) == {}, "an old admin login still works"
     assert logged_in_again(new_admin) == {}, "a link did not log in again with the new passwords"
+    report(f"Patroni's replicas, their streams ended, streaming again within {replicas_log_in_again():.1f} s")
 
 
 @on_one_release("CHAT_ROTATION_SUITE", "trixie", "the self-signed key rotation")

@@ -68,6 +68,12 @@ def table(options, defaults):
     rows = ["| variable | type | default | what |", "| --- | --- | --- | --- |"]
     for name, spec in options.items():
         rows.append(f"| `{name}` | {type_of(spec)} | {default_of(name, spec, defaults)} | {what(spec)} |")
+        # The keys of each element of a list of dicts (or of a dict), typed
+        # in the specs too: a row each, named as a path.
+        path = f"{name}[]" if spec.get("type") == "list" else name
+        for key, sub in (spec.get("options") or {}).items():
+            default = "*required*" if sub.get("required") else "*in what*"
+            rows.append(f"| `{path}.{key}` | {type_of(sub)} | {default} | {what(sub)} |")
     return rows
 
 

@@ -63,6 +63,12 @@ class WebSocket:
             self.sock.close()
             raise
 
+    # How a peer that drops the connection shows on the socket: a reset, a
+    # write into a closed pipe, or TLS ending without its close_notify (Nginx
+    # closing a client whose upstream refused a 64 KiB frame, while the
+    # client still writes it, gave SSLEOFError in CI).
+    DROPPED = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError)
+
     def _flush(self):
         for data in self.protocol.data_to_send():
             if data:
@@ -73,7 +79,10 @@ class WebSocket:
         if remaining <= 0:
             raise TimeoutError("no answer from the server in time")
         self.sock.settimeout(remaining)
-        data = self.sock.recv(65536)
+        try:
+            data = self.sock.recv(65536)
+        except self.DROPPED:
+            data = b""
         if data:
             self.protocol.receive_data(data)
         else:
@@ -84,8 +93,13 @@ class WebSocket:
             raise ConnectionError("the server closed the connection during the handshake")
 
     def send(self, text):
+        """Send a text message; ConnectionClosed if the server has dropped the connection."""
         self.protocol.send_text(text.encode())
-        self._flush()
+        try:
+            self._flush()
+        except self.DROPPED:
+            self.protocol.receive_eof()
+            raise self.protocol.close_exc from None
 
     def recv(self, timeout=10):
         """The next text or binary message; ConnectionClosed once the server closed."""

@@ -215,6 +215,13 @@ def test_live_release_is_owned_by_root(host):
 
 
 @pytest.mark.needs("app")
+def test_nothing_of_the_app_is_writable_by_all(host):
+    # uv leaves a 0666 lock file in each virtualenv it makes; the role removes it.
+    writable = host.check_output("find /srv/chat -xdev ! -type l -perm -0002 | head -5")
+    assert writable == "", f"writable by every user: {writable}"
+
+
+@pytest.mark.needs("app")
 def test_app_units_are_sandboxed(host):
     props = host.check_output(
         "systemctl show chat-gunicorn.service -p NoNewPrivileges -p ProtectSystem -p PrivateTmp -p User")

@@ -314,13 +314,14 @@ def replica_again(secrets, name):
     learns the new primary from the others' hello messages (every 2 s), as
     CI saw once ({data1: .6, data2: .6, data3: .7}, data3 just healed).
     """
+    own = address(name)
+
     def rejoined():
         primary = agreed_primary(secrets)
-        return primary not in (None, address(name)) \
+        return primary not in (None, own) \
             and cli(on(name), secrets["admin"], REDIS_PORT, "ROLE")[:2] == ["slave", primary]
-    back, _ = wait(rejoined, 120, f"{name} a replica of the primary every sentinel names",
-                   interval=0.5, explain=lambda: {"sentinels": primaries(secrets),
-                                                  name: cli(on(name), secrets["admin"], REDIS_PORT, "ROLE")[:2]})
+    back, _ = wait(rejoined, 120, f"{name} a replica of the primary every sentinel names", interval=0.5,
+                   explain=lambda: {"sentinels": primaries(secrets), "roles": roles(secrets)})
     return back
 
 

@@ -63,9 +63,17 @@ under systemd socket activation needs, which Daphne itself does not do:
   (compression, fragmentation, masking, frame logging, a queue of chopped
   writes) is framed here (RFC 6455 5.2: FIN and opcode 1, the length in 1, 3
   or 9 bytes) and handed to the same transport; anything else still goes
-  through autobahn. The frame still goes through Twisted's buffer, written
-  on the loop's next turn: sending it at once instead cost more CPU (77-79 %
-  of the core against 67 %), as every frame then woke Nginx on its own.
+  through autobahn.
+- **Frames sent at once**: Twisted's ``write`` only buffers; it registers
+  the socket with the loop for writing (an ``epoll_ctl``, asyncio's
+  selector bookkeeping and a callback) and sends on the loop's next turn,
+  then unregisters it (another ``epoll_ctl``). A frame written while
+  Twisted holds nothing for the socket is sent here at once, and only what
+  the socket does not take goes through Twisted's buffer, as does every
+  frame behind it, so the order holds. In the room of 1,000 (one frame per
+  message and socket) that bookkeeping was 40 % of the process's Python,
+  and the server side's CPU per 1,000 deliveries went from 87-100 ms to
+  48-67 ms (docs/benchmark.md, "Where Daphne's time goes").
 """
 
 import os
@@ -192,6 +200,31 @@ def _frames_as_autobahn_would(protocol):
             and not protocol.trackedTimings and not protocol.send_queue)
 
 
+def send_at_once(transport, frame):
+    """Send frame on transport's socket now if Twisted holds nothing for it, else behind what it holds.
+
+    Only for Twisted's own stream sockets (TCP and unix) with nothing queued:
+    a TLS transport, a unix socket with descriptors to pass, a connection
+    closing or half-closed, or data still buffered all take Twisted's write.
+    """
+    if (not isinstance(transport, tcp.Connection) or getattr(transport, "_sendmsgQueue", None)
+            or not transport.connected or transport.disconnecting or transport._writeDisconnected
+            or transport._tempDataBuffer or transport.offset != len(transport.dataBuffer)):
+        transport.write(frame)
+        return
+    try:
+        sent = transport.socket.send(frame)
+    except BlockingIOError:
+        sent = 0
+    except OSError:
+        # The connection is failing: Twisted's own write meets the same
+        # error on the next turn and closes it the way it always does.
+        transport.write(frame)
+        return
+    if sent < len(frame):
+        transport.write(frame[sent:])
+
+
 def write_text_frames_directly():
     """Send the app's text messages as frames written here (see the module's docstring)."""
     original = WebSocketProtocol.serverSend
@@ -199,7 +232,7 @@ def write_text_frames_directly():
     def server_send(protocol, content, binary=False):
         if binary or not _frames_as_autobahn_would(protocol):
             return original(protocol, content, binary)
-        protocol.transport.write(text_frame(content.encode("utf8")))
+        send_at_once(protocol.transport, text_frame(content.encode("utf8")))
         return None
 
     WebSocketProtocol.serverSend = server_send

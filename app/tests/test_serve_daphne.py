@@ -352,13 +352,97 @@ json.dump(result, sys.stdout)
 """
 
 
-def test_text_frames_written_directly_are_the_bytes_autobahn_writes():
-    # In a process of its own: importing serve_daphne installs Twisted's asyncio reactor.
-    out = subprocess.run([sys.executable, "-c", FRAME_CHECK], cwd=APP_DIR, capture_output=True, text=True,
-                         timeout=60, env={**os.environ, "SECRET_KEY": "frame-check"})
+def checked(script):
+    """The JSON that script prints, run in a process of its own: importing
+    serve_daphne installs Twisted's asyncio reactor."""
+    out = subprocess.run([sys.executable, "-c", script], cwd=APP_DIR, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "SECRET_KEY": "launcher-check"})
     assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    return json.loads(out.stdout)
+
+
+def test_text_frames_written_directly_are_the_bytes_autobahn_writes():
+    result = checked(FRAME_CHECK)
     # Every length class: 7 bits, 16 bits (126), 64 bits (127), and multi-byte characters.
     assert result["differ"] == []
     assert result["direct"] == {"plain": True, "fragmenting": False, "logging frames": False,
                                 "compressing": False, "closing": False, "chopped writes queued": False}
+
+
+SEND_CHECK = r"""
+import json, socket, sys
+from twisted.internet import tcp
+from chatservice.serve_daphne import send_at_once
+
+class Reactor:
+    # What Twisted's write asks of the reactor: the loop to watch for writing.
+    def __init__(self):
+        self.writers = set()
+    def addWriter(self, fd):
+        self.writers.add(fd)
+    def removeWriter(self, fd):
+        self.writers.discard(fd)
+
+def pair(sndbuf=None):
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    if sndbuf:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    transport = tcp.Connection(ours, None, reactor=Reactor())
+    transport.connected = 1
+    peer.setblocking(False)
+    return transport, peer
+
+def received(peer):
+    data = b""
+    while True:
+        try:
+            chunk = peer.recv(1 << 20)
+        except BlockingIOError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+def flush(transport, peer):
+    data = b""
+    for _ in range(10000):
+        data += received(peer)
+        if not transport.reactor.writers:
+            return data + received(peer)
+        transport.doWrite()
+    raise AssertionError("Twisted's buffer never emptied")
+
+result = {}
+transport, peer = pair()
+send_at_once(transport, b"frame")
+result["idle: sent at once"] = received(peer) == b"frame" and not transport.reactor.writers
+
+transport, peer = pair()
+transport.write(b"held")
+send_at_once(transport, b"frame")
+result["held: nothing sent before the held data"] = received(peer) == b""
+result["held: in order after a turn"] = flush(transport, peer) == b"heldframe"
+
+transport, peer = pair(sndbuf=4096)
+big = bytes(range(256)) * 4096
+send_at_once(transport, big)
+result["partial: the rest buffered"] = bool(transport.reactor.writers)
+send_at_once(transport, b"next")
+result["partial: whole and in order"] = flush(transport, peer) == big + b"next"
+
+transport, peer = pair()
+transport.disconnecting = True
+send_at_once(transport, b"frame")
+result["closing: left to Twisted"] = received(peer) == b"" and bool(transport.reactor.writers)
+
+transport, peer = pair()
+peer.close()
+send_at_once(transport, b"frame")
+result["peer gone: no exception, left to Twisted"] = bool(transport.reactor.writers)
+json.dump(result, sys.stdout)
+"""
+
+
+def test_frames_go_out_at_once_only_when_nothing_is_held_and_always_in_order():
+    result = checked(SEND_CHECK)
+    assert result == {name: True for name in result} and len(result) == 7, result

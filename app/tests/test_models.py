@@ -107,6 +107,23 @@ def test_room_name_rule(name, valid):
 
 
 @pytest.mark.django_db(transaction=True)
+def test_the_frames_of_a_post_are_the_frames_history_reads_back():
+    # The posting path writes its own SQL (store._post_sql): what it hands the
+    # sockets live must be what a later history read finds, field for field.
+    store.post_message("alpha", "a", "first")
+    stored = store.post_messages([("alpha", "b", "ünïcode 50 % ' \" ;"), ("beta", "c", "two", "cid-1"),
+                                  ("alpha", "d", "three", "cid-2")])
+    live = [m.as_frame() for m in stored]
+    read = {(f["room"], f["seq"]): f for room in ("alpha", "beta")
+            for f in (m.as_frame() for m in store.messages_since(room, 0, 10))}
+    assert live == [read[(f["room"], f["seq"])] for f in live]
+    assert [(f["room"], f["seq"]) for f in live] == [("alpha", 2), ("beta", 1), ("alpha", 3)]
+    alpha = Room.objects.get(name="alpha")
+    assert alpha.last_seq == 3
+    assert alpha.last_activity == Message.objects.get(room=alpha, seq=3).created
+
+
+@pytest.mark.django_db(transaction=True)
 def test_batched_posts_get_consecutive_seqs_in_order_per_room():
     store.post_message("alpha", "a", "single first")
     stored = store.post_messages(

@@ -152,7 +152,7 @@ def _insert_messages(cursor, sql, room, first, fresh, now):
         params += [room.id, first + offset, nickname, body, created, client_id]
     cursor.execute(sql["insert"] + ", ".join([sql["row"]] * len(fresh)) + sql["returning"], params)
     # Mapped by seq: SQLite does not promise RETURNING's rows in the order inserted.
-    ids = dict((seq, id_) for id_, seq in cursor.fetchall())
+    ids = {seq: id_ for id_, seq in cursor.fetchall()}
     messages = []
     for offset, (_, nickname, body, client_id) in enumerate(fresh):
         message = Message(id=ids[first + offset], room=room, seq=first + offset, nickname=nickname, body=body,

@@ -71,7 +71,7 @@ under systemd socket activation needs, which Daphne itself does not do:
   Twisted holds nothing for the socket is sent here at once, and only what
   the socket does not take goes through Twisted's buffer, as does every
   frame behind it, so the order holds. In the room of 1,000 (one frame per
-  message and socket) that bookkeeping was 40 % of the process's Python,
+  message and socket) that bookkeeping was 43 % of the process's Python,
   and the server side's CPU per 1,000 deliveries went from 87-100 ms to
   48-67 ms (docs/benchmark.md, "Where Daphne's time goes").
 """
